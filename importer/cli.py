@@ -1,0 +1,1 @@
+"""`dvcr-importer`: one import per run (placeholder until the importers land)."""

@@ -1,0 +1,200 @@
+"""One pass from a source of bytes to a sink: count, checksum, decode, store.
+
+The received stream is cut into large blocks from a small pool of reused buffers. Every
+block goes to each *lane* (a consumer with a thread of its own: one per hash, one for the
+sink's decoding and writing), in order. Lanes run in parallel with each other and with the
+receiving; hashlib, zlib and os.pwrite release the GIL on large buffers, so both cores work.
+When every buffer is in flight, the pipeline waits for the oldest block to be done before
+reading more from the source: that is the backpressure that reaches the socket. Memory per
+transfer is bounded by `block_size * depth`, whatever the size of the image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from importer.checksums import ChecksumLane, verify_checksums
+from importer.errors import ImageTooLarge, TransferError
+from importer.formats.base import Buffer, ImageInfo
+from importer.progress import Progress
+
+BLOCK_SIZE = 4 << 20
+DEPTH = 4
+
+
+class Lane(Protocol):
+    """A consumer of the received stream. `update` and `finish` run in the lane's own
+    thread, in order; a lane that raised is not called again."""
+
+    name: str
+
+    def update(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Sink(Protocol):
+    """Where the image goes. Its lanes see the received bytes; `commit` makes the result
+    durable and visible once everything is in and checked; `abort` leaves nothing behind."""
+
+    def lanes(self) -> list[Lane]: ...
+
+    def image_info(self) -> ImageInfo: ...
+
+    async def commit(self, result: TransferResult) -> None: ...
+
+    async def abort(self) -> None: ...
+
+
+@dataclass
+class TransferResult:
+    received_bytes: int
+    checksums: dict[str, str]
+    image: ImageInfo
+    stored_bytes: int = 0  # what the storage holds, as the sink reports it
+    written_bytes: int = 0
+
+
+@dataclass
+class PipelineOptions:
+    algorithms: tuple[str, ...] = ("sha256",)
+    expected_checksums: dict[str, str] = field(default_factory=dict)
+    expected_length: int | None = None  # when the sender announced it
+    max_received_bytes: int | None = None
+    block_size: int = BLOCK_SIZE
+    depth: int = DEPTH
+
+
+class _LaneRunner:
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lane-{lane.name}")
+        self.failed = False
+        self.stopped = False
+
+    def _call(self, fn: Callable[..., None], *args: object) -> None:
+        if self.failed or self.stopped:
+            return
+        try:
+            fn(*args)
+        except BaseException:
+            self.failed = True
+            raise
+
+    def submit(self, fn: Callable[..., None], *args: object) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self.executor, self._call, fn, *args)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        sink: Sink,
+        options: PipelineOptions,
+        progress: Progress | None = None,
+    ) -> None:
+        self.sink = sink
+        self.options = options
+        self.progress = progress or Progress(total=options.expected_length)
+        self.checksums = [ChecksumLane(name) for name in options.algorithms]
+        self._runners = [_LaneRunner(lane) for lane in (*self.checksums, *sink.lanes())]
+        self._free: list[bytearray] = [bytearray(options.block_size) for _ in range(options.depth)]
+        self._in_flight: collections.deque[tuple[asyncio.Future[list[None]], bytearray]] = (
+            collections.deque()
+        )
+
+    async def run(self, source: AsyncIterable[Buffer]) -> TransferResult:
+        """Stream the source through every lane into the sink; returns once committed."""
+        try:
+            received = await self._pump(source)
+            await self._drain()
+            await asyncio.gather(*(r.submit(r.lane.finish) for r in self._runners))
+            checksums = {lane.algorithm: lane.hexdigest() for lane in self.checksums}
+            verify_checksums(checksums, self.options.expected_checksums)
+            result = TransferResult(received, checksums, self.sink.image_info())
+            await self.sink.commit(result)
+            return result
+        except BaseException:
+            await self._stop_lanes()
+            await self.sink.abort()
+            raise
+        finally:
+            for runner in self._runners:
+                runner.close()
+
+    async def _pump(self, source: AsyncIterable[Buffer]) -> int:
+        block = await self._take_buffer()
+        filled = 0
+        received = 0
+        limit = self.options.max_received_bytes
+        async for chunk in source:
+            view = memoryview(chunk).cast("B")
+            received += len(view)
+            if limit is not None and received > limit:
+                raise ImageTooLarge(f"the upload is larger than the limit of {limit} bytes")
+            self.progress.add(len(view))
+            while len(view):
+                n = min(len(view), len(block) - filled)
+                block[filled : filled + n] = view[:n]
+                filled += n
+                view = view[n:]
+                if filled == len(block):
+                    self._dispatch(block, filled)
+                    block = await self._take_buffer()
+                    filled = 0
+        if filled:
+            self._dispatch(block, filled)
+        else:
+            self._free.append(block)
+        return received
+
+    def _dispatch(self, block: bytearray, length: int) -> None:
+        view = memoryview(block)[:length]
+        futures = [runner.submit(runner.lane.update, view) for runner in self._runners]
+        self._in_flight.append((asyncio.gather(*futures), block))
+
+    async def _take_buffer(self) -> bytearray:
+        while not self._free:
+            done, block = self._in_flight.popleft()
+            await done
+            self._free.append(block)
+        return self._free.pop()
+
+    async def _drain(self) -> None:
+        while self._in_flight:
+            done, block = self._in_flight.popleft()
+            await done
+            self._free.append(block)
+
+    async def _stop_lanes(self) -> None:
+        """Skip the blocks still queued and wait until no lane thread touches the sink."""
+        for runner in self._runners:
+            runner.stopped = True
+
+        def wait_idle() -> None:
+            for runner in self._runners:
+                runner.executor.shutdown(wait=True)
+
+        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, wait_idle))
+        for done, _ in self._in_flight:
+            if done.done() and not done.cancelled():
+                done.exception()  # retrieved: the error that matters is already raised
+        self._in_flight.clear()
+
+
+__all__ = [
+    "Lane",
+    "Pipeline",
+    "PipelineOptions",
+    "Sink",
+    "TransferError",
+    "TransferResult",
+]

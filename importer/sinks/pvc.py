@@ -1,0 +1,258 @@
+"""PersistentVolumeClaim storage: raw disk content into a sparse file or a block device.
+
+A filesystem claim gets `disk.img`: written under a temporary name in the claim directory,
+all-zero ranges left as holes, truncated to the exact virtual size, fsynced, then renamed
+over `disk.img`, so a failed or refused transfer never leaves half-written data behind and
+never touches what was stored before. A block claim (a block device, or a pre-sized file
+given by path) is written in place; its zero ranges are explicitly zeroed, since the old
+contents are still there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import struct
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from importer.errors import ImageTooLarge, ProvisioningFailed, StorageFull
+from importer.formats.base import Buffer, Converter, ImageInfo
+from importer.sinks.decode import DecodeLane
+
+if TYPE_CHECKING:
+    from importer.pipeline import TransferResult
+
+# Granularity of hole detection: an all-zero run of this size is not written.
+ZERO_GRANULE = 64 * 1024
+_ZERO = bytes(ZERO_GRANULE)
+_PROBE = 16
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_BLKGETSIZE64 = 0x80081272
+_BLKZEROOUT = 0x127F
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def is_zero(view: memoryview) -> bool:
+    """True when every byte of the view is zero (fast on non-zero data: probes first)."""
+    n = len(view)
+    if n > _PROBE and view[:_PROBE].tobytes() != _ZERO[:_PROBE]:
+        return False
+    if n <= ZERO_GRANULE:
+        return view.tobytes() == _ZERO[:n]
+    return all(
+        view[i : i + ZERO_GRANULE].tobytes() == _ZERO[: min(ZERO_GRANULE, n - i)]
+        for i in range(0, n, ZERO_GRANULE)
+    )
+
+
+def data_runs(offset: int, data: Buffer) -> list[tuple[int, memoryview]]:
+    """Splits a write into its non-zero runs, at ZERO_GRANULE granularity (file-aligned)."""
+    view = memoryview(data).cast("B")
+    runs: list[tuple[int, memoryview]] = []
+    start: int | None = None
+    pos = 0
+    n = len(view)
+    while pos < n:
+        # Align granules to file offsets so holes line up with filesystem blocks.
+        end = min(n, pos + ZERO_GRANULE - (offset + pos) % ZERO_GRANULE)
+        if is_zero(view[pos:end]):
+            if start is not None:
+                runs.append((offset + start, view[start:pos]))
+                start = None
+        elif start is None:
+            start = pos
+        pos = end
+    if start is not None:
+        runs.append((offset + start, view[start:n]))
+    return runs
+
+
+def _raise_os_error(exc: OSError, what: str) -> None:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFull(f"the storage is full while {what}") from exc
+    raise ProvisioningFailed(f"{what} failed: {exc.strerror}") from exc
+
+
+def _check_capacity(size: int, capacity: int | None, where: str) -> None:
+    if capacity is not None and size > capacity:
+        raise ImageTooLarge(
+            f"the image needs {size} bytes but {where} holds at most {capacity} bytes"
+        )
+
+
+class FileClaimTarget:
+    """A filesystem claim: `disk.img` in the claim directory, raw and sparse."""
+
+    def __init__(self, directory: Path, capacity: int | None = None) -> None:
+        self.directory = directory
+        self.capacity = capacity
+        self.path = directory / "disk.img"
+        self.partial = directory / ".disk.img.partial"
+        self.end = 0  # highest byte written + 1
+        self.written = 0  # bytes that went to disk (holes excluded)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            self.fd = os.open(self.partial, flags, 0o644)
+        except OSError as exc:
+            _raise_os_error(exc, f"creating {self.partial}")
+
+    def declare_size(self, virtual_size: int) -> None:
+        _check_capacity(virtual_size, self.capacity, "the claim")
+
+    def write(self, offset: int, data: Buffer) -> None:
+        end = offset + len(data)
+        _check_capacity(end, self.capacity, "the claim")
+        try:
+            for run_offset, run in data_runs(offset, data):
+                _pwrite_all(self.fd, run, run_offset)
+                self.written += len(run)
+        except OSError as exc:
+            _raise_os_error(exc, "writing the image")
+        self.end = max(self.end, end)
+
+    def commit(self, virtual_size: int) -> None:
+        """Exact size, durable, then visible as `disk.img`."""
+        _check_capacity(virtual_size, self.capacity, "the claim")
+        try:
+            os.ftruncate(self.fd, virtual_size)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+            os.replace(self.partial, self.path)
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            _raise_os_error(exc, "finishing the image")
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(FileNotFoundError):
+            self.partial.unlink()
+
+    @property
+    def stored_bytes(self) -> int:
+        st = os.stat(self.path)
+        return st.st_blocks * 512
+
+
+class BlockClaimTarget:
+    """A block claim: a block device or a pre-sized file, written in place."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            st = os.fstat(self.fd)
+        except OSError as exc:
+            _raise_os_error(exc, f"opening the block claim {path}")
+        self.is_device = stat.S_ISBLK(st.st_mode)
+        if self.is_device:
+            buf = fcntl.ioctl(self.fd, _BLKGETSIZE64, b"\0" * 8)
+            self.capacity: int = struct.unpack("Q", buf)[0]
+        else:
+            self.capacity = st.st_size
+        self.end = 0
+        self.written = 0
+
+    def declare_size(self, virtual_size: int) -> None:
+        _check_capacity(virtual_size, self.capacity, f"the block claim {self.path}")
+
+    def write(self, offset: int, data: Buffer) -> None:
+        end = offset + len(data)
+        _check_capacity(end, self.capacity, f"the block claim {self.path}")
+        pos = offset
+        try:
+            for run_offset, run in data_runs(offset, data):
+                if run_offset > pos:
+                    self._zero(pos, run_offset - pos)
+                _pwrite_all(self.fd, run, run_offset)
+                self.written += len(run)
+                pos = run_offset + len(run)
+            if end > pos:
+                self._zero(pos, end - pos)
+        except OSError as exc:
+            _raise_os_error(exc, "writing the image")
+        self.end = max(self.end, end)
+
+    def _zero(self, offset: int, length: int) -> None:
+        if self.is_device:
+            try:
+                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+                return
+            except OSError:
+                pass
+        else:
+            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if _libc.fallocate(self.fd, mode, offset, length) == 0:
+                return
+        for pos in range(offset, offset + length, ZERO_GRANULE):
+            _pwrite_all(self.fd, memoryview(_ZERO)[: min(ZERO_GRANULE, offset + length - pos)], pos)
+
+    def commit(self, virtual_size: int) -> None:
+        """Zero the tail past the image (stale data from before) and make it durable."""
+        _check_capacity(virtual_size, self.capacity, f"the block claim {self.path}")
+        try:
+            if self.capacity > self.end:
+                self._zero(self.end, self.capacity - self.end)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        except OSError as exc:
+            _raise_os_error(exc, "finishing the image")
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    @property
+    def stored_bytes(self) -> int:
+        return self.capacity
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        written = os.pwrite(fd, data, offset)
+        data = data[written:]
+        offset += written
+
+
+ClaimTarget = FileClaimTarget | BlockClaimTarget
+
+
+class PvcSink:
+    """Pipeline sink for PersistentVolumeClaim storage: decode to raw, write, commit."""
+
+    def __init__(self, target: ClaimTarget, decoder: Converter) -> None:
+        self.target = target
+        self.decode = DecodeLane(decoder)
+
+    def lanes(self) -> list[DecodeLane]:
+        return [self.decode]
+
+    def image_info(self) -> ImageInfo:
+        return self.decode.image_info()
+
+    async def commit(self, result: TransferResult) -> None:
+        await asyncio.to_thread(self.target.commit, result.image.virtual_size)
+        result.stored_bytes = self.target.stored_bytes
+        result.written_bytes = self.target.written
+
+    async def abort(self) -> None:
+        await asyncio.to_thread(self.target.abort)

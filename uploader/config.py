@@ -1,0 +1,55 @@
+"""Server configuration: flags of `dvcr-uploader serve` and the embedded defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from importer.formats.base import TiB
+
+DEFAULT_LISTEN = "127.0.0.1:8444"
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT`, `:PORT` or `[v6]:PORT`."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path("./dvcr-data")
+    dvcr: str | None = None  # a registry URL; None: the embedded OCI layout
+    external_url: str | None = None
+    in_cluster_url: str | None = None
+    metrics_listen: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    max_image_size: int = 1 * TiB
+    # Checksums computed for every transfer; md5 is added per image when its spec asks.
+    checksums: tuple[str, ...] = ("sha256",)
+    status_interval: float = 0.5  # seconds between progress updates of a transfer
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def own_base_url(self, port: int | None = None) -> str:
+        host, listen_port = split_host_port(self.listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{self.scheme}://{host}:{port or listen_port}"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "state.db"
+
+    @property
+    def pvc_root(self) -> Path:
+        return self.data_dir / "pvc"

@@ -1,0 +1,121 @@
+"""Errors of the API and their one mapping to HTTP responses.
+
+Handlers raise; the middleware answers with the Kubernetes-shaped Status object
+`{"kind":"Status","status":"Failure","reason":...,"message":...,"code":N}`. Transfer
+errors from the pipeline (importer.errors) map through the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from importer.errors import TransferError
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    code = 500
+    reason = "InternalError"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ApiError):
+    code = 400
+    reason = "BadRequest"
+
+
+class NotFound(ApiError):
+    code = 404
+    reason = "NotFound"
+
+
+class MethodNotAllowed(ApiError):
+    code = 405
+    reason = "MethodNotAllowed"
+
+
+class Conflict(ApiError):
+    code = 409
+    reason = "Conflict"
+
+
+class AlreadyExists(ApiError):
+    code = 409
+    reason = "AlreadyExists"
+
+
+class LengthRequired(ApiError):
+    code = 411
+    reason = "LengthRequired"
+
+
+class RangeNotSatisfiable(ApiError):
+    code = 416
+    reason = "RequestedRangeNotSatisfiable"
+
+
+class Invalid(ApiError):
+    code = 422
+    reason = "Invalid"
+
+
+class SpecImmutable(ApiError):
+    code = 422
+    reason = "SpecImmutable"
+
+
+class UnsupportedMediaType(ApiError):
+    code = 415
+    reason = "UnsupportedMediaType"
+
+
+def status_body(code: int, reason: str, message: str) -> dict[str, object]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "reason": reason,
+        "message": message,
+        "code": code,
+    }
+
+
+def status_response(
+    code: int, reason: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=code,
+        text=json.dumps(status_body(code, reason, message)) + "\n",
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return status_response(exc.code, exc.reason, exc.message, exc.headers)
+    except TransferError as exc:
+        return status_response(exc.http_status, exc.reason, exc.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.reason.replace(" ", "")
+        return status_response(exc.status, reason, exc.text or exc.reason, dict(exc.headers))
+    except Exception:
+        log.exception("internal error in %s %s", request.method, request.rel_url.path)
+        return status_response(500, "InternalError", "internal server error; see the server log")

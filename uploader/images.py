@@ -1,0 +1,441 @@
+"""The life of an image: create, replace, delete, and the transfers that fill it.
+
+Phases: Pending -> WaitForUserUpload (Upload only) -> Provisioning -> Ready, or Failed with
+a reason. Every change goes through the store, so watchers see it and it survives a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from importer.errors import TransferError, TransferInterrupted
+from importer.formats.base import Buffer
+from importer.pipeline import Pipeline, PipelineOptions, TransferResult
+from importer.progress import Progress, format_quantity
+from uploader import storage
+from uploader.config import ServerConfig
+from uploader.errors import (
+    AlreadyExists,
+    ApiError,
+    Conflict,
+    Invalid,
+    NotFound,
+    SpecImmutable,
+)
+from uploader.metrics import Metrics
+from uploader.resources import Kind, validate_manifest
+from uploader.store import Object, Store, key_of
+from uploader.tokens import ImageKey, TokenIndex, new_token, redact
+
+log = logging.getLogger(__name__)
+
+PENDING = "Pending"
+WAIT_FOR_UPLOAD = "WaitForUserUpload"
+PROVISIONING = "Provisioning"
+READY = "Ready"
+FAILED = "Failed"
+TERMINATING = "Terminating"
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def image_key(kind: Kind, namespace: str | None, name: str) -> ImageKey:
+    return kind.name, namespace if kind.namespaced and namespace else "", name
+
+
+@dataclass
+class ActiveTransfer:
+    """A transfer in progress for one image (one at a time per image)."""
+
+    key: ImageKey
+    uid: str
+    generation: int
+    progress: Progress
+    task: asyncio.Task[Any] | None
+    cancelled_by: ApiError | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def cancel(self, reason: ApiError) -> None:
+        self.cancelled_by = reason
+        if self.task is not None:
+            self.task.cancel()
+
+
+class ImageController:
+    def __init__(self, config: ServerConfig, store: Store, metrics: Metrics) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.tokens = TokenIndex()
+        self.ready_tokens = TokenIndex()
+        self.transfers: dict[ImageKey, ActiveTransfer] = {}
+        self.external_base = ""
+        self.in_cluster_base = ""
+
+    # -- start and stop -----------------------------------------------------------------
+
+    async def start(self, own_base_url: str) -> None:
+        """Sets the upload URL bases and brings every stored image back to a steady state."""
+        self.external_base = (self.config.external_url or own_base_url).rstrip("/")
+        self.in_cluster_base = (self.config.in_cluster_url or own_base_url).rstrip("/")
+        for obj in self.store.all():
+            await self._recover(obj)
+
+    async def _recover(self, obj: Object) -> None:
+        key = key_of(obj)
+        status = obj.get("status", {})
+        phase = status.get("phase")
+        if phase == TERMINATING:
+            await asyncio.to_thread(storage.remove_data, obj, self.config)
+            self.store.delete(key)
+        elif phase == READY:
+            token = self._token_of(obj)
+            if token:
+                self.ready_tokens.add(token, key)
+        elif phase in (PENDING, WAIT_FOR_UPLOAD, PROVISIONING):
+            # A transfer cut by a stop: its partial data is dropped, the image starts over.
+            await asyncio.to_thread(storage.remove_partial, obj, self.config)
+            token = self._token_of(obj)
+            if obj["spec"]["dataSource"]["type"] == "Upload" and token:
+                self.tokens.add(token, key)
+                self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", "Waiting for upload")
+                self._clear_progress(obj)
+                self.store.save(obj)
+            else:
+                self._begin(obj)
+
+    async def stop(self) -> None:
+        for transfer in list(self.transfers.values()):
+            transfer.cancel(Conflict("the server is shutting down; upload again"))
+        for transfer in list(self.transfers.values()):
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(transfer.done.wait(), 30)
+
+    # -- API ----------------------------------------------------------------------------
+
+    def get(self, kind: Kind, namespace: str | None, name: str) -> Object:
+        obj = self.store.get(image_key(kind, namespace, name))
+        if obj is None:
+            raise NotFound(f'{kind.display} "{name}" not found')
+        return obj
+
+    def list(self, kind: Kind, namespace: str | None) -> list[Object]:
+        return self.store.list(kind.name, namespace if kind.namespaced else None)
+
+    async def create(self, kind: Kind, namespace: str | None, doc: Any) -> Object:
+        obj = validate_manifest(doc, kind, namespace)
+        key = key_of(obj)
+        if self.store.get(key) is not None:
+            raise AlreadyExists(f'{kind.display} "{obj["metadata"]["name"]}" already exists')
+        obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
+        obj["status"] = {"phase": PENDING}
+        self._set_phase(obj, PENDING, PENDING, "Waiting for the data source")
+        self._begin(obj)
+        return self.store.get(key) or obj
+
+    async def replace(self, kind: Kind, namespace: str | None, name: str, doc: Any) -> Object:
+        current = self.get(kind, namespace, name)
+        new = validate_manifest(doc, kind, namespace)
+        if new["metadata"]["name"] != name:
+            raise Invalid(
+                f'metadata.name: Invalid value: "{new["metadata"]["name"]}": '
+                f'must be "{name}", the name in the URL'
+            )
+        phase = current["status"].get("phase")
+        if new["spec"] == current["spec"]:
+            current["metadata"].update(
+                {k: v for k, v in new["metadata"].items() if k in ("labels", "annotations")}
+            )
+            return self.store.save(current)
+        if phase in (READY, TERMINATING):
+            raise SpecImmutable(
+                f'{kind.display} "{name}" is {phase}: its spec cannot change any more; '
+                "delete it and create it again"
+            )
+        key = key_of(current)
+        await self._cancel_transfer(key, Conflict("the image's spec changed; upload again"))
+        current = self.get(kind, namespace, name)
+        self.tokens.remove(key)
+        current["spec"] = new["spec"]
+        for meta_key in ("labels", "annotations"):
+            if meta_key in new["metadata"]:
+                current["metadata"][meta_key] = new["metadata"][meta_key]
+        current["metadata"]["generation"] = current["metadata"].get("generation", 1) + 1
+        current["status"] = {"phase": PENDING}
+        self._set_phase(current, PENDING, PENDING, "The spec changed; starting over")
+        self._begin(current)
+        return self.get(kind, namespace, name)
+
+    async def delete(self, kind: Kind, namespace: str | None, name: str) -> Object:
+        obj = self.get(kind, namespace, name)
+        key = key_of(obj)
+        self.tokens.remove(key)
+        self.ready_tokens.remove(key)
+        self._set_phase(obj, TERMINATING, TERMINATING, "The image is being deleted")
+        obj = self.store.save(obj)
+        await self._cancel_transfer(key, NotFound("the image was deleted during the upload"))
+        await asyncio.to_thread(storage.remove_data, obj, self.config)
+        self.metrics.forget(obj["metadata"]["uid"])
+        self.store.delete(key)
+        return obj
+
+    async def _cancel_transfer(self, key: ImageKey, reason: ApiError) -> None:
+        transfer = self.transfers.get(key)
+        if transfer is not None:
+            transfer.cancel(reason)
+            await transfer.done.wait()
+
+    # -- starting an image ----------------------------------------------------------------
+
+    def _begin(self, obj: Object) -> None:
+        """Moves a new (or restarted) image out of Pending according to its data source."""
+        key = key_of(obj)
+        source_type = obj["spec"]["dataSource"]["type"]
+        target = storage.target_status(obj, self.config)
+        if target:
+            obj["status"]["target"] = target
+        if source_type == "Upload":
+            try:
+                storage.check_supported(obj)
+            except TransferError as exc:
+                self._fail(obj, exc)
+            else:
+                token = new_token()
+                obj["status"]["imageUploadURLs"] = {
+                    "external": f"{self.external_base}/upload/{token}",
+                    "inCluster": f"{self.in_cluster_base}/upload/{token}",
+                }
+                self.tokens.add(token, key)
+                self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", "Waiting for upload")
+                log.info("image %s waits for upload, token %s", "/".join(key), redact(token))
+        else:
+            self._fail(
+                obj,
+                TransferError(f"dataSource.type {source_type} is not available on this server yet"),
+            )
+        obj["status"]["observedGeneration"] = obj["metadata"].get("generation", 1)
+        self.store.save(obj)
+
+    @staticmethod
+    def _token_of(obj: Object) -> str | None:
+        url = obj.get("status", {}).get("imageUploadURLs", {}).get("external")
+        return url.rsplit("/", 1)[-1] if url else None
+
+    # -- uploads --------------------------------------------------------------------------
+
+    def find_upload(self, token: str) -> Object:
+        """The image a token uploads to; raises 404 for unknown or expired tokens and 409
+        for an image that is already Ready or busy."""
+        key = self.tokens.find(token)
+        if key is None:
+            ready = self.ready_tokens.find(token)
+            if ready is not None:
+                raise Conflict(
+                    f"the image {ready[2]} is already Ready; it cannot be uploaded again"
+                )
+            raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
+        obj = self.store.get(key)
+        if obj is None:
+            raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
+        if key in self.transfers:
+            raise Conflict("another upload to this image is in progress")
+        return obj
+
+    def transfer_of(self, key: ImageKey) -> ActiveTransfer | None:
+        return self.transfers.get(key)
+
+    async def run_upload(
+        self,
+        token: str,
+        source: AsyncIterable[Buffer],
+        expected_length: int | None,
+    ) -> Object:
+        obj = self.find_upload(token)
+        return await self._run_transfer(obj, source, expected_length)
+
+    # -- the transfer ---------------------------------------------------------------------
+
+    async def _run_transfer(
+        self, obj: Object, source: AsyncIterable[Buffer], expected_length: int | None
+    ) -> Object:
+        key = key_of(obj)
+        progress = Progress(total=expected_length)
+        transfer = ActiveTransfer(
+            key,
+            obj["metadata"]["uid"],
+            obj["metadata"].get("generation", 1),
+            progress,
+            asyncio.current_task(),
+        )
+        self.transfers[key] = transfer
+        self.metrics.active_transfers.inc()
+        reporter = asyncio.create_task(self._report_progress(transfer))
+        try:
+            self._set_phase(obj, PROVISIONING, PROVISIONING, "Receiving the image")
+            obj["status"]["progress"] = progress.percent()
+            self.store.save(obj)
+            options = self._pipeline_options(obj, expected_length)
+            sink = storage.open_sink(obj, self.config)
+            pipeline = Pipeline(sink, options, progress)
+            result = await pipeline.run(source)
+            self.metrics.received_bytes.inc(result.received_bytes)
+            self.metrics.written_bytes.inc(result.written_bytes)
+        except asyncio.CancelledError:
+            self.metrics.transfers.labels("cancelled").inc()
+            if transfer.cancelled_by is None:
+                raise
+            raise transfer.cancelled_by from None
+        except TransferInterrupted:
+            self.metrics.transfers.labels("interrupted").inc()
+            self._after_interrupt(transfer)
+            raise
+        except TransferError as exc:
+            self.metrics.transfers.labels("failed").inc()
+            self._after_failure(transfer, exc)
+            raise
+        except Exception as exc:
+            self.metrics.transfers.labels("failed").inc()
+            log.exception("transfer into %s failed", "/".join(key))
+            self._after_failure(transfer, TransferError(f"internal error: {exc}"))
+            raise
+        finally:
+            reporter.cancel()
+            self.transfers.pop(key, None)
+            self.metrics.active_transfers.dec()
+            transfer.done.set()
+        self.metrics.transfers.labels("succeeded").inc()
+        return self._after_success(transfer, result)
+
+    def _pipeline_options(self, obj: Object, expected_length: int | None) -> PipelineOptions:
+        source = obj["spec"]["dataSource"]
+        field_name = {"Upload": "upload", "HTTP": "http"}.get(source["type"], "")
+        expected = dict((source.get(field_name) or {}).get("checksum") or {})
+        algorithms = list(self.config.checksums)
+        for algorithm in ("sha256", "md5"):
+            if algorithm in expected and algorithm not in algorithms:
+                algorithms.append(algorithm)
+        return PipelineOptions(
+            algorithms=tuple(algorithms),
+            expected_checksums=expected,
+            expected_length=expected_length,
+            max_received_bytes=self.config.max_image_size,
+        )
+
+    def _current(self, transfer: ActiveTransfer) -> Object | None:
+        """The image, if it is still the one (same uid and generation) the transfer fills."""
+        obj = self.store.get(transfer.key)
+        if obj is None or obj["metadata"]["uid"] != transfer.uid:
+            return None
+        if obj["metadata"].get("generation", 1) != transfer.generation:
+            return None
+        return obj
+
+    async def _report_progress(self, transfer: ActiveTransfer) -> None:
+        last = None
+        while True:
+            await asyncio.sleep(self.config.status_interval)
+            self.metrics.report(transfer.uid, transfer.progress)
+            obj = self._current(transfer)
+            if obj is None:
+                return
+            status = obj["status"]
+            shown = (transfer.progress.percent(), transfer.progress.done)
+            if shown == last:
+                continue
+            last = shown
+            status["progress"] = transfer.progress.percent()
+            status["downloadSpeed"] = transfer.progress.speed_status()
+            self.store.save(obj)
+
+    def _after_success(self, transfer: ActiveTransfer, result: TransferResult) -> Object:
+        obj = self._current(transfer)
+        if obj is None:
+            raise NotFound("the image was deleted or changed during the upload")
+        key = transfer.key
+        self.metrics.report(transfer.uid, transfer.progress)
+        self.metrics.progress.labels(transfer.uid).set(100)
+        status = obj["status"]
+        info = result.image
+        status.update(
+            progress="100%",
+            downloadSpeed=transfer.progress.speed_status(),
+            size={
+                "stored": format_quantity(result.stored_bytes),
+                "storedBytes": str(result.stored_bytes),
+                "unpacked": format_quantity(info.virtual_size),
+                "unpackedBytes": str(info.virtual_size),
+            },
+            format=info.format,
+            cdrom=info.cdrom,
+            checksum=result.checksums,
+        )
+        token = self._token_of(obj)
+        self.tokens.remove(key)
+        if token:
+            self.ready_tokens.add(token, key)
+        self._set_phase(obj, READY, READY, "The image is ready")
+        log.info(
+            "image %s is Ready: %d bytes received, %s, virtual size %d",
+            "/".join(key),
+            result.received_bytes,
+            info.format,
+            info.virtual_size,
+        )
+        return self.store.save(obj)
+
+    def _after_interrupt(self, transfer: ActiveTransfer) -> None:
+        obj = self._current(transfer)
+        if obj is None:
+            return
+        self._set_phase(
+            obj,
+            WAIT_FOR_UPLOAD,
+            "WaitForUserUpload",
+            "The last upload was interrupted; upload the image again",
+        )
+        self._clear_progress(obj)
+        self.store.save(obj)
+
+    def _after_failure(self, transfer: ActiveTransfer, error: TransferError) -> None:
+        obj = self._current(transfer)
+        if obj is None:
+            return
+        self._fail(obj, error)
+        self.store.save(obj)
+
+    def _fail(self, obj: Object, error: TransferError) -> None:
+        key = key_of(obj)
+        self.tokens.remove(key)
+        log.info("image %s failed: %s: %s", "/".join(key), error.reason, error.message)
+        self._set_phase(obj, FAILED, error.reason, error.message)
+
+    # -- status helpers -------------------------------------------------------------------
+
+    @staticmethod
+    def _clear_progress(obj: Object) -> None:
+        for name in ("progress", "downloadSpeed"):
+            obj["status"].pop(name, None)
+
+    @staticmethod
+    def _set_phase(obj: Object, phase: str, reason: str, message: str) -> None:
+        status = obj.setdefault("status", {})
+        status["phase"] = phase
+        ready = "True" if phase == READY else "False"
+        conditions = status.setdefault("conditions", [])
+        current = next((c for c in conditions if c.get("type") == "Ready"), None)
+        if current is None:
+            current = {"type": "Ready"}
+            conditions.append(current)
+        if current.get("status") != ready or current.get("reason") != reason:
+            current["lastTransitionTime"] = now_rfc3339()
+        current.update(status=ready, reason=reason, message=message)
+        status["observedGeneration"] = obj["metadata"].get("generation", 1)

@@ -1,0 +1,65 @@
+"""Upload tokens: unguessable, bound to one image, looked up in constant time."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+
+TOKEN_BYTES = 32  # 256 bits
+_SHOWN = 6
+_UPLOAD_PATH = re.compile(r"(/upload/)([A-Za-z0-9_-]+)")
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def redact(token: str) -> str:
+    """Enough of a token to tell two apart in a log, never enough to use it."""
+    return token[:_SHOWN] + "…"
+
+
+def redact_path(path: str) -> str:
+    return _UPLOAD_PATH.sub(lambda m: m.group(1) + redact(m.group(2)), path)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+ImageKey = tuple[str, str, str]  # kind, namespace ("" for cluster scope), name
+
+
+@dataclass
+class _Entry:
+    token: str
+    key: ImageKey
+
+
+class TokenIndex:
+    """Maps tokens to images. The dict is keyed by the token's sha256, so the lookup time
+    does not depend on how much of a guess matches; the final comparison is constant-time."""
+
+    def __init__(self) -> None:
+        self._by_digest: dict[bytes, _Entry] = {}
+        self._by_key: dict[ImageKey, bytes] = {}
+
+    def add(self, token: str, key: ImageKey) -> None:
+        self.remove(key)
+        digest = _digest(token)
+        self._by_digest[digest] = _Entry(token, key)
+        self._by_key[key] = digest
+
+    def remove(self, key: ImageKey) -> None:
+        digest = self._by_key.pop(key, None)
+        if digest is not None:
+            self._by_digest.pop(digest, None)
+
+    def find(self, token: str) -> ImageKey | None:
+        entry = self._by_digest.get(_digest(token))
+        if entry is None or not hmac.compare_digest(entry.token.encode(), token.encode()):
+            return None
+        return entry.key
