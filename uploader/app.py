@@ -61,10 +61,14 @@ def build_app(config: ServerConfig) -> web.Application:
     api.add_routes(app)
     upload.add_routes(app)
 
+    async def end_watches(app: web.Application) -> None:
+        store.end_watches()
+
     async def close(app: web.Application) -> None:
         await app[api.CONTROLLER].stop()
         store.close()
 
+    app.on_shutdown.append(end_watches)
     app.on_cleanup.append(close)
     return app
 

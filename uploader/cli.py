@@ -216,7 +216,8 @@ def _print_objects(objects: list[dict[str, Any]], output: str | None, listing: b
             print()
     elif output and output.startswith("jsonpath="):
         data = objects[0] if not listing else {"kind": "List", "items": objects}
-        print(printers.jsonpath(output.removeprefix("jsonpath="), data))
+        # As kubectl: no newline of its own; templates add {"\n"} where they want one.
+        sys.stdout.write(printers.jsonpath(output.removeprefix("jsonpath="), data))
     elif output == "name":
         for obj in objects:
             print(

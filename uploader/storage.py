@@ -18,6 +18,7 @@ from importer.formats.base import Converter, Limits, RawTarget
 from importer.formats.raw import RawConverter
 from importer.pipeline import Sink
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
+from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
 from uploader.config import ServerConfig
 from uploader.resources import STORAGE_PVC
 from uploader.store import Object
@@ -63,7 +64,10 @@ def check_supported(obj: Object) -> None:
 def open_sink(obj: Object, config: ServerConfig) -> Sink:
     """The sink for one transfer into the image's storage."""
     check_supported(obj)
-    target = _claim_target(obj, config)
+    target: ClaimTarget = _claim_target(obj, config)
+    rate = sink_rate_from_env()
+    if rate:
+        target = ThrottledTarget(target, rate)  # type: ignore[assignment]
     return PvcSink(target, make_decoder(target, config))
 
 

@@ -44,7 +44,7 @@ class Event:
         return json.dumps({"type": self.type, "object": self.object}, separators=(",", ":"))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Watcher:
     kind: str
     namespace: str | None
@@ -75,9 +75,13 @@ class Store:
         self._version = int(row[0]) if row else 0
         self._watchers: set[_Watcher] = set()
 
-    def close(self) -> None:
+    def end_watches(self) -> None:
+        """Ends every watch stream (on shutdown; clients watch again)."""
         for watcher in list(self._watchers):
             self._close_watcher(watcher)
+
+    def close(self) -> None:
+        self.end_watches()
         self._db.close()
 
     def get(self, key: ImageKey) -> Object | None:

@@ -1,0 +1,156 @@
+"""A real `dvcr-uploader serve` process on a loopback port, and a small client for tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+API = "/apis/virtualization.deckhouse.io/v1alpha2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def manifest(name: str, storage: str = "PersistentVolumeClaim", **upload: Any) -> dict[str, Any]:
+    source: dict[str, Any] = {"type": "Upload"}
+    if upload:
+        source["upload"] = upload
+    return {
+        "apiVersion": "virtualization.deckhouse.io/v1alpha2",
+        "kind": "VirtualImage",
+        "metadata": {"name": name},
+        "spec": {"storage": storage, "dataSource": source},
+    }
+
+
+class Server:
+    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.args = args
+        self.env = {**os.environ, **(env or {})}
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
+
+    def start(self) -> Server:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uploader.cli",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{self.port}",
+                "--data-dir",
+                str(self.data_dir),
+                *self.args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def restart(self, sig: int = signal.SIGTERM) -> None:
+        self.stop(sig)
+        self.start()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    # -- HTTP ---------------------------------------------------------------------------
+
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw.strip() else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            return exc.code, json.loads(raw) if raw.strip() else None
+
+    def images_path(self, namespace: str = "default", name: str | None = None) -> str:
+        path = f"{API}/namespaces/{namespace}/virtualimages"
+        return f"{path}/{name}" if name else path
+
+    def create(self, doc: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+        code, obj = self.call("POST", self.images_path(namespace), doc)
+        assert code == 201, obj
+        return obj
+
+    def get(self, name: str, namespace: str = "default") -> dict[str, Any]:
+        code, obj = self.call("GET", self.images_path(namespace, name))
+        assert code == 200, obj
+        return obj
+
+    def wait_phase(
+        self, name: str, phases: tuple[str, ...], timeout: float = 60, namespace: str = "default"
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            obj = self.get(name, namespace)
+            if obj["status"]["phase"] in phases:
+                return obj
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} stayed {obj['status']}")
+            time.sleep(0.05)
+
+    def upload_url(self, name: str, namespace: str = "default") -> str:
+        obj = self.wait_phase(name, ("WaitForUserUpload",), namespace=namespace)
+        return obj["status"]["imageUploadURLs"]["external"]
+
+    def claim_dir(self, name: str, namespace: str = "default") -> Path:
+        return self.data_dir / "pvc" / namespace / f"vi-{name}"
+
+    def peak_rss(self) -> int:
+        """VmHWM of the server process, bytes."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmHWM")
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
