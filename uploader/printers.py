@@ -266,23 +266,26 @@ def _pairs(mapping: dict[str, str] | None) -> str:
 
 
 def _title(key: str) -> str:
-    """imageUploadURLs -> Image Upload UR Ls would be wrong; split on lower->upper only."""
+    """imageUploadURLs -> Image Upload URLs: a space before an upper-case letter that
+    follows a lower-case one."""
     words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", " ", key)
     return words[:1].upper() + words[1:]
 
 
-def _describe_map(mapping: dict[str, Any]) -> str:
+def _describe_map(mapping: dict[str, Any], depth: int = 1) -> str:
+    """Nested sections indented by two; values line up in one column at every depth."""
     lines: list[str] = []
     for key, value in mapping.items():
         if isinstance(value, dict):
             lines.append(f"{_title(key)}:")
-            lines.append(_indent(_describe_map(value), 2))
+            lines.append(_indent(_describe_map(value, depth + 1), 2))
         elif isinstance(value, list):
             lines.append(f"{_title(key)}:")
             for item in value:
                 lines.append(f"  - {_format(item)}")
         else:
-            lines.append(f"{_title(key)}:{' ' * max(1, 22 - len(_title(key)))}{_format(value)}")
+            pad = " " * max(1, 22 - 2 * depth - len(_title(key)))
+            lines.append(f"{_title(key)}:{pad}{_format(value)}")
     return "\n".join(line for line in lines if line)
 
 
