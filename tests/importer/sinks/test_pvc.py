@@ -1,0 +1,101 @@
+"""PVC targets: sparse file claims and in-place block claims."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from importer.errors import ImageTooLarge
+from importer.sinks.pvc import ZERO_GRANULE, BlockClaimTarget, FileClaimTarget, data_runs
+
+MiB = 1 << 20
+
+
+def test_data_runs_skip_zero_granules() -> None:
+    data = bytearray(4 * ZERO_GRANULE)
+    data[10] = 1
+    data[3 * ZERO_GRANULE + 5] = 2
+    runs = data_runs(0, data)
+    assert [(offset, len(view)) for offset, view in runs] == [
+        (0, ZERO_GRANULE),
+        (3 * ZERO_GRANULE, ZERO_GRANULE),
+    ]
+
+
+def test_data_runs_align_to_file_offsets() -> None:
+    data = b"\1" * ZERO_GRANULE
+    runs = data_runs(100, data)
+    assert [(offset, len(view)) for offset, view in runs] == [(100, ZERO_GRANULE)]
+    zeros = bytes(2 * ZERO_GRANULE)
+    assert data_runs(100, zeros) == []
+
+
+def test_file_claim_is_sparse_exact_and_atomic(tmp_path: Path) -> None:
+    claim = tmp_path / "claim"
+    old = b"previous image"
+    claim.mkdir()
+    (claim / "disk.img").write_bytes(old)
+    target = FileClaimTarget(claim)
+    payload = os.urandom(MiB)
+    target.write(0, payload)
+    target.write(MiB, bytes(8 * MiB))
+    target.write(9 * MiB, payload)
+    assert (claim / "disk.img").read_bytes() == old  # untouched until commit
+    target.commit(12 * MiB)
+    disk = claim / "disk.img"
+    assert disk.stat().st_size == 12 * MiB
+    with open(disk, "rb") as f:
+        assert f.read(MiB) == payload
+        assert f.read(8 * MiB) == bytes(8 * MiB)
+        assert f.read(MiB) == payload
+        assert f.read() == bytes(2 * MiB)
+    assert disk.stat().st_blocks * 512 <= 2 * MiB + 64 * 1024
+    assert target.written == 2 * MiB
+    assert not (claim / ".disk.img.partial").exists()
+
+
+def test_file_claim_abort_leaves_previous_data(tmp_path: Path) -> None:
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    (claim / "disk.img").write_bytes(b"keep me")
+    target = FileClaimTarget(claim)
+    target.write(0, os.urandom(MiB))
+    target.abort()
+    assert (claim / "disk.img").read_bytes() == b"keep me"
+    assert sorted(p.name for p in claim.iterdir()) == ["disk.img"]
+
+
+def test_file_claim_capacity(tmp_path: Path) -> None:
+    target = FileClaimTarget(tmp_path / "claim", capacity=MiB)
+    with pytest.raises(ImageTooLarge, match="1048576"):
+        target.declare_size(2 * MiB)
+    with pytest.raises(ImageTooLarge):
+        target.write(MiB - 10, b"x" * 20)
+    target.abort()
+
+
+def test_block_claim_writes_in_place_and_zeroes_stale_data(tmp_path: Path) -> None:
+    device = tmp_path / "device"
+    device.write_bytes(b"\xff" * (8 * MiB))  # stale contents everywhere
+    target = BlockClaimTarget(device)
+    assert target.capacity == 8 * MiB
+    payload = os.urandom(MiB)
+    target.write(0, payload + bytes(2 * MiB) + payload)
+    target.commit(4 * MiB)
+    data = device.read_bytes()
+    assert len(data) == 8 * MiB
+    assert data[:MiB] == payload
+    assert data[MiB : 3 * MiB] == bytes(2 * MiB)
+    assert data[3 * MiB : 4 * MiB] == payload
+    assert data[4 * MiB :] == bytes(4 * MiB)
+
+
+def test_block_claim_too_small(tmp_path: Path) -> None:
+    device = tmp_path / "device"
+    device.write_bytes(bytes(MiB))
+    target = BlockClaimTarget(device)
+    with pytest.raises(ImageTooLarge, match="block claim"):
+        target.declare_size(2 * MiB)
+    target.abort()

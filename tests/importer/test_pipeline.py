@@ -1,0 +1,148 @@
+"""The pipeline on its own: lanes, checksums, backpressure, abort."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from collections.abc import AsyncIterator
+
+import pytest
+
+from importer.errors import BadImageChecksum, ImageTooLarge, InvalidImage
+from importer.formats.base import ImageInfo
+from importer.pipeline import Pipeline, PipelineOptions, TransferResult
+
+
+class MemorySink:
+    """Collects what its lane sees; can fail at a chosen block or be slow."""
+
+    name = "memory"
+
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
+        self.data = bytearray()
+        self.blocks = 0
+        self.fail_at = fail_at
+        self.delay = delay
+        self.committed: TransferResult | None = None
+        self.aborted = False
+        self.threads: set[str] = set()
+
+    def lanes(self) -> list[MemorySink]:
+        return [self]
+
+    def update(self, data: memoryview) -> None:
+        self.threads.add(threading.current_thread().name)
+        if self.fail_at is not None and self.blocks == self.fail_at:
+            raise InvalidImage("broken on purpose")
+        if self.delay:
+            threading.Event().wait(self.delay)
+        self.data += data
+        self.blocks += 1
+
+    def finish(self) -> None:
+        pass
+
+    def image_info(self) -> ImageInfo:
+        return ImageInfo("raw", len(self.data))
+
+    async def commit(self, result: TransferResult) -> None:
+        self.committed = result
+
+    async def abort(self) -> None:
+        self.aborted = True
+
+
+async def chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("chunk", [1000, 65536, 5 << 20])
+async def test_every_byte_reaches_the_sink_in_order(chunk: int) -> None:
+    data = os.urandom(9 << 20)
+    sink = MemorySink()
+    options = PipelineOptions(algorithms=("sha256", "md5"), block_size=1 << 20, depth=3)
+    result = await Pipeline(sink, options).run(chunks(data, chunk))
+    assert bytes(sink.data) == data
+    assert result.received_bytes == len(data)
+    assert result.checksums == {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "md5": hashlib.md5(data).hexdigest(),
+    }
+    assert sink.committed is result
+    assert not sink.aborted
+    assert all(name.startswith("lane-memory") for name in sink.threads)
+
+
+async def test_empty_source() -> None:
+    sink = MemorySink()
+    result = await Pipeline(sink, PipelineOptions()).run(chunks(b"", 1))
+    assert result.received_bytes == 0
+    assert result.checksums["sha256"] == hashlib.sha256(b"").hexdigest()
+
+
+async def test_checksum_mismatch_aborts() -> None:
+    data = os.urandom(3 << 20)
+    sink = MemorySink()
+    options = PipelineOptions(expected_checksums={"sha256": "0" * 64})
+    with pytest.raises(BadImageChecksum, match="sha256"):
+        await Pipeline(sink, options).run(chunks(data, 65536))
+    assert sink.aborted
+    assert sink.committed is None
+
+
+async def test_a_failing_lane_aborts_the_transfer() -> None:
+    sink = MemorySink(fail_at=2)
+    options = PipelineOptions(block_size=1 << 20, depth=2)
+    with pytest.raises(InvalidImage, match="on purpose"):
+        await Pipeline(sink, options).run(chunks(os.urandom(16 << 20), 1 << 20))
+    assert sink.aborted
+    assert sink.blocks == 2
+
+
+async def test_limit_on_received_bytes() -> None:
+    sink = MemorySink()
+    options = PipelineOptions(max_received_bytes=2 << 20)
+    with pytest.raises(ImageTooLarge):
+        await Pipeline(sink, options).run(chunks(os.urandom(3 << 20), 65536))
+    assert sink.aborted
+
+
+async def test_backpressure_stops_reading_the_source() -> None:
+    """With a slow lane, the source is read at most `depth` blocks ahead of it."""
+    block = 1 << 20
+    sink = MemorySink(delay=0.02)
+    options = PipelineOptions(block_size=block, depth=3)
+    ahead: list[int] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        sent = 0
+        for _ in range(40):
+            ahead.append(sent - len(sink.data))
+            yield bytes(block)
+            sent += block
+
+    await Pipeline(sink, options).run(source())
+    # depth buffers in flight plus the one being filled
+    assert max(ahead) <= (3 + 1) * block
+
+
+async def test_cancellation_waits_for_lanes_and_aborts() -> None:
+    sink = MemorySink(delay=0.05)
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield bytes(1 << 20)
+
+    task = asyncio.create_task(Pipeline(sink, PipelineOptions(block_size=1 << 20)).run(endless()))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sink.aborted
+    blocks = sink.blocks
+    await asyncio.sleep(0.2)
+    assert sink.blocks == blocks  # no lane is still working
