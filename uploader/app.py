@@ -12,11 +12,11 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
 
+from importer.metrics import CONTENT_TYPE_LATEST, Metrics
 from uploader import api, upload
 from uploader.config import ServerConfig, split_host_port
 from uploader.errors import error_middleware
 from uploader.images import ImageController
-from uploader.metrics import CONTENT_TYPE_LATEST, Metrics
 from uploader.store import Store
 from uploader.tokens import redact_path
 

@@ -7,18 +7,22 @@ a reason. Every change goes through the store, so watchers see it and it survive
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from importer.errors import TransferError, TransferInterrupted
 from importer.formats.base import Buffer
+from importer.metrics import Metrics
 from importer.pipeline import Pipeline, PipelineOptions, TransferResult
 from importer.progress import Progress, format_quantity
+from importer.sources.http import HttpSource
 from uploader import storage
 from uploader.config import ServerConfig
 from uploader.errors import (
@@ -29,7 +33,6 @@ from uploader.errors import (
     NotFound,
     SpecImmutable,
 )
-from uploader.metrics import Metrics
 from uploader.resources import Kind, validate_manifest
 from uploader.store import Object, Store, key_of
 from uploader.tokens import ImageKey, TokenIndex, new_token, redact
@@ -42,6 +45,10 @@ PROVISIONING = "Provisioning"
 READY = "Ready"
 FAILED = "Failed"
 TERMINATING = "Terminating"
+
+
+# Opens an image's source: yields its chunks and its length when known.
+SourceOpener = Callable[[], AbstractAsyncContextManager[tuple[AsyncIterable[Buffer], int | None]]]
 
 
 def now_rfc3339() -> str:
@@ -78,6 +85,7 @@ class ImageController:
         self.tokens = TokenIndex()
         self.ready_tokens = TokenIndex()
         self.transfers: dict[ImageKey, ActiveTransfer] = {}
+        self._import_tasks: set[asyncio.Task[None]] = set()
         self.external_base = ""
         self.in_cluster_base = ""
 
@@ -114,11 +122,16 @@ class ImageController:
                 self._begin(obj)
 
     async def stop(self) -> None:
+        """Cancels every transfer; their images stay as they are and resume on start."""
         for transfer in list(self.transfers.values()):
             transfer.cancel(Conflict("the server is shutting down; upload again"))
+        for task in list(self._import_tasks):
+            task.cancel()
         for transfer in list(self.transfers.values()):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(transfer.done.wait(), 30)
+        if self._import_tasks:
+            await asyncio.wait(self._import_tasks, timeout=30)
 
     # -- API ----------------------------------------------------------------------------
 
@@ -203,12 +216,17 @@ class ImageController:
         target = storage.target_status(obj, self.config)
         if target:
             obj["status"]["target"] = target
-        if source_type == "Upload":
-            try:
-                storage.check_supported(obj)
-            except TransferError as exc:
-                self._fail(obj, exc)
-            else:
+        start_import = False
+        try:
+            storage.check_supported(obj)
+            if source_type not in ("Upload", "HTTP"):
+                raise TransferError(
+                    f"dataSource.type {source_type} is not available on this server yet"
+                )
+        except TransferError as exc:
+            self._fail(obj, exc)
+        else:
+            if source_type == "Upload":
                 token = new_token()
                 obj["status"]["imageUploadURLs"] = {
                     "external": f"{self.external_base}/upload/{token}",
@@ -217,13 +235,12 @@ class ImageController:
                 self.tokens.add(token, key)
                 self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", "Waiting for upload")
                 log.info("image %s waits for upload, token %s", "/".join(key), redact(token))
-        else:
-            self._fail(
-                obj,
-                TransferError(f"dataSource.type {source_type} is not available on this server yet"),
-            )
+            else:
+                start_import = True
         obj["status"]["observedGeneration"] = obj["metadata"].get("generation", 1)
-        self.store.save(obj)
+        obj = self.store.save(obj)
+        if start_import:
+            self._start_import(obj)
 
     @staticmethod
     def _token_of(obj: Object) -> str | None:
@@ -260,15 +277,39 @@ class ImageController:
         expected_length: int | None,
     ) -> Object:
         obj = self.find_upload(token)
-        return await self._run_transfer(obj, source, expected_length)
+
+        @contextlib.asynccontextmanager
+        async def body() -> AsyncIterator[tuple[AsyncIterable[Buffer], int | None]]:
+            yield source, expected_length
+
+        return await self._run_transfer(obj, body)
+
+    # -- imports --------------------------------------------------------------------------
+
+    def _start_import(self, obj: Object) -> None:
+        task = asyncio.create_task(self._run_import(obj))
+        self._import_tasks.add(task)
+        task.add_done_callback(self._import_tasks.discard)
+
+    async def _run_import(self, obj: Object) -> None:
+        http = obj["spec"]["dataSource"]["http"]
+        ca_bundle = base64.b64decode(http["caBundle"]) if "caBundle" in http else None
+
+        @contextlib.asynccontextmanager
+        async def download() -> AsyncIterator[tuple[AsyncIterable[Buffer], int | None]]:
+            async with HttpSource(http["url"], ca_bundle) as source:
+                yield source.chunks(), source.length
+
+        # The outcome is in the image's status; nobody waits for this task.
+        with contextlib.suppress(TransferError, ApiError):
+            await self._run_transfer(obj, download)
 
     # -- the transfer ---------------------------------------------------------------------
 
-    async def _run_transfer(
-        self, obj: Object, source: AsyncIterable[Buffer], expected_length: int | None
-    ) -> Object:
+    async def _run_transfer(self, obj: Object, open_source: SourceOpener) -> Object:
+        """Runs one transfer into the image and records its outcome in the status."""
         key = key_of(obj)
-        progress = Progress(total=expected_length)
+        progress = Progress()
         transfer = ActiveTransfer(
             key,
             obj["metadata"]["uid"],
@@ -281,12 +322,12 @@ class ImageController:
         reporter = asyncio.create_task(self._report_progress(transfer))
         try:
             self._set_phase(obj, PROVISIONING, PROVISIONING, "Receiving the image")
-            obj["status"]["progress"] = progress.percent()
             self.store.save(obj)
-            options = self._pipeline_options(obj, expected_length)
-            sink = storage.open_sink(obj, self.config)
-            pipeline = Pipeline(sink, options, progress)
-            result = await pipeline.run(source)
+            async with open_source() as (source, expected_length):
+                progress.total = expected_length
+                options = self._pipeline_options(obj, expected_length)
+                sink = storage.open_sink(obj, self.config)
+                result = await Pipeline(sink, options, progress).run(source)
             self.metrics.received_bytes.inc(result.received_bytes)
             self.metrics.written_bytes.inc(result.written_bytes)
         except asyncio.CancelledError:

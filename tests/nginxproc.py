@@ -1,0 +1,73 @@
+"""A real nginx serving a directory on a loopback port, for import tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from serverproc import free_port
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+CONFIG = """\
+{user}
+daemon off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {root}/body;
+    proxy_temp_path {root}/proxy;
+    fastcgi_temp_path {root}/fastcgi;
+    uwsgi_temp_path {root}/uwsgi;
+    scgi_temp_path {root}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {files};
+    }}
+}}
+"""
+
+
+class Nginx:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.files = root / "files"
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Nginx:
+        config = self.root / "nginx.conf"
+        # Workers read the test's private temp dir, so they run as whoever runs the test.
+        user = "user root;" if os.geteuid() == 0 else ""
+        config.write_text(
+            CONFIG.format(user=user, root=self.root, port=self.port, files=self.files)
+        )
+        self.proc = subprocess.Popen([NGINX, "-c", str(config), "-p", str(self.root)])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(self.url + "/", timeout=1)
+                return self
+            except urllib.error.HTTPError:
+                return self  # it answers: 403/404 on the directory is fine
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError((self.root / "error.log").read_text())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGQUIT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
