@@ -56,8 +56,8 @@ def test_https_upload_and_metrics_listener(tmp_path: Path, monkeypatch: pytest.M
     )
     srv.url = srv.url.replace("http://", "https://")
     try:
-        srv.start()
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # this test's client trusts the cert
+        srv.start()
         obj = srv.create(manifest("secure"))
         urls = obj["status"]["imageUploadURLs"]
         token = urls["inCluster"].rsplit("/", 1)[1]
