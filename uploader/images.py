@@ -16,6 +16,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlparse
 
 from importer.errors import TransferError, TransferInterrupted
 from importer.formats.base import Buffer
@@ -23,7 +24,6 @@ from importer.metrics import Metrics
 from importer.pipeline import Pipeline, PipelineOptions, TransferResult
 from importer.progress import Progress, format_quantity
 from importer.sources.http import HttpSource
-from uploader import storage
 from uploader.config import ServerConfig
 from uploader.errors import (
     AlreadyExists,
@@ -34,6 +34,7 @@ from uploader.errors import (
     SpecImmutable,
 )
 from uploader.resources import Kind, validate_manifest
+from uploader.storage import Storage
 from uploader.store import Object, Store, key_of
 from uploader.tokens import ImageKey, TokenIndex, new_token, redact
 
@@ -47,8 +48,16 @@ FAILED = "Failed"
 TERMINATING = "Terminating"
 
 
-# Opens an image's source: yields its chunks and its length when known.
-SourceOpener = Callable[[], AbstractAsyncContextManager[tuple[AsyncIterable[Buffer], int | None]]]
+@dataclass
+class OpenedSource:
+    """A source, ready to stream: its bytes, their length when known, a file name if any."""
+
+    chunks: AsyncIterable[Buffer]
+    length: int | None
+    filename: str | None = None
+
+
+SourceOpener = Callable[[], AbstractAsyncContextManager[OpenedSource]]
 
 
 def now_rfc3339() -> str:
@@ -82,6 +91,7 @@ class ImageController:
         self.config = config
         self.store = store
         self.metrics = metrics
+        self.storage = Storage(config)
         self.tokens = TokenIndex()
         self.ready_tokens = TokenIndex()
         self.transfers: dict[ImageKey, ActiveTransfer] = {}
@@ -103,7 +113,7 @@ class ImageController:
         status = obj.get("status", {})
         phase = status.get("phase")
         if phase == TERMINATING:
-            await asyncio.to_thread(storage.remove_data, obj, self.config)
+            await self.storage.remove_data(obj)
             self.store.delete(key)
         elif phase == READY:
             token = self._token_of(obj)
@@ -111,7 +121,7 @@ class ImageController:
                 self.ready_tokens.add(token, key)
         elif phase in (PENDING, WAIT_FOR_UPLOAD, PROVISIONING):
             # A transfer cut by a stop: its partial data is dropped, the image starts over.
-            await asyncio.to_thread(storage.remove_partial, obj, self.config)
+            await asyncio.to_thread(self.storage.remove_partial, obj)
             token = self._token_of(obj)
             if obj["spec"]["dataSource"]["type"] == "Upload" and token:
                 self.tokens.add(token, key)
@@ -196,7 +206,7 @@ class ImageController:
         self._set_phase(obj, TERMINATING, TERMINATING, "The image is being deleted")
         obj = self.store.save(obj)
         await self._cancel_transfer(key, NotFound("the image was deleted during the upload"))
-        await asyncio.to_thread(storage.remove_data, obj, self.config)
+        await self.storage.remove_data(obj)
         self.metrics.forget(obj["metadata"]["uid"])
         self.store.delete(key)
         return obj
@@ -213,12 +223,9 @@ class ImageController:
         """Moves a new (or restarted) image out of Pending according to its data source."""
         key = key_of(obj)
         source_type = obj["spec"]["dataSource"]["type"]
-        target = storage.target_status(obj, self.config)
-        if target:
-            obj["status"]["target"] = target
+        obj["status"]["target"] = self.storage.target_status(obj)
         start_import = False
         try:
-            storage.check_supported(obj)
             if source_type not in ("Upload", "HTTP"):
                 raise TransferError(
                     f"dataSource.type {source_type} is not available on this server yet"
@@ -275,12 +282,13 @@ class ImageController:
         token: str,
         source: AsyncIterable[Buffer],
         expected_length: int | None,
+        filename: str | None = None,
     ) -> Object:
         obj = self.find_upload(token)
 
         @contextlib.asynccontextmanager
-        async def body() -> AsyncIterator[tuple[AsyncIterable[Buffer], int | None]]:
-            yield source, expected_length
+        async def body() -> AsyncIterator[OpenedSource]:
+            yield OpenedSource(source, expected_length, filename)
 
         return await self._run_transfer(obj, body)
 
@@ -296,9 +304,9 @@ class ImageController:
         ca_bundle = base64.b64decode(http["caBundle"]) if "caBundle" in http else None
 
         @contextlib.asynccontextmanager
-        async def download() -> AsyncIterator[tuple[AsyncIterable[Buffer], int | None]]:
+        async def download() -> AsyncIterator[OpenedSource]:
             async with HttpSource(http["url"], ca_bundle) as source:
-                yield source.chunks(), source.length
+                yield OpenedSource(source.chunks(), source.length, urlparse(http["url"]).path)
 
         # The outcome is in the image's status; nobody waits for this task.
         with contextlib.suppress(TransferError, ApiError):
@@ -323,11 +331,11 @@ class ImageController:
         try:
             self._set_phase(obj, PROVISIONING, PROVISIONING, "Receiving the image")
             self.store.save(obj)
-            async with open_source() as (source, expected_length):
-                progress.total = expected_length
-                options = self._pipeline_options(obj, expected_length)
-                sink = storage.open_sink(obj, self.config)
-                result = await Pipeline(sink, options, progress).run(source)
+            async with open_source() as source:
+                progress.total = source.length
+                options = self._pipeline_options(obj, source.length)
+                sink = await self.storage.open_sink(obj, source.length, source.filename)
+                result = await Pipeline(sink, options, progress).run(source.chunks)
             self.metrics.received_bytes.inc(result.received_bytes)
             self.metrics.written_bytes.inc(result.written_bytes)
         except asyncio.CancelledError:

@@ -1,5 +1,8 @@
 """Where an image's data lives, per its `spec.storage`, in the embedded default layout.
 
+ContainerRegistry: DVCR, by default the OCI layout `DATA_DIR/dvcr`, the image under
+`vi/{ns}/{name}:{uid}` (`cvi/{name}:{uid}` for cluster images).
+
 PersistentVolumeClaim: the claim `vi-{name}` is the directory `DATA_DIR/pvc/{ns}/vi-{name}/`.
 A filesystem claim holds `disk.img`. An operator makes it a block claim by placing, before
 the image is created, a symlink named `block` in that directory that points at a block
@@ -8,15 +11,19 @@ device or a pre-sized file; the image is then written there in place.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 from pathlib import Path
 
-from importer.errors import ProvisioningFailed
-from importer.formats.base import Converter, Limits, RawTarget
+from importer.errors import ProvisioningFailed, TransferError
+from importer.formats.base import Converter, Limits, NullTarget, RawTarget
 from importer.formats.raw import RawConverter
+from importer.oci.layer import safe_filename
+from importer.oci.layout import OciLayout
 from importer.pipeline import Sink
+from importer.sinks.dvcr import DvcrSink, ImageStore
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
 from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
 from uploader.config import ServerConfig
@@ -26,65 +33,103 @@ from uploader.store import Object
 BLOCK_LINK = "block"
 
 
+class LengthRequired(TransferError):
+    """ContainerRegistry storage writes a tar header with the size before the data."""
+
+    http_status = 411
+
+
 def claim_name(obj: Object) -> str:
     return f"vi-{obj['metadata']['name']}"
 
 
-def claim_dir(obj: Object, config: ServerConfig) -> Path:
-    return config.pvc_root / obj["metadata"]["namespace"] / claim_name(obj)
+def dvcr_repo(obj: Object) -> str:
+    meta = obj["metadata"]
+    if obj["kind"] == "ClusterVirtualImage":
+        return f"cvi/{meta['name']}"
+    return f"vi/{meta['namespace']}/{meta['name']}"
 
 
-def target_status(obj: Object, config: ServerConfig) -> dict[str, str]:
-    if obj["spec"]["storage"] == STORAGE_PVC:
-        return {"persistentVolumeClaimName": claim_name(obj)}
-    return {}
+def uses_pvc(obj: Object) -> bool:
+    return obj.get("spec", {}).get("storage") == STORAGE_PVC
 
 
-def make_decoder(target: RawTarget, config: ServerConfig) -> Converter:
-    return RawConverter(target, Limits(max_virtual_size=config.max_image_size))
+class Storage:
+    """The storage of one server: its DVCR and its claims."""
 
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.dvcr: ImageStore = self._open_dvcr()
 
-def _claim_target(obj: Object, config: ServerConfig) -> ClaimTarget:
-    directory = claim_dir(obj, config)
-    block = directory / BLOCK_LINK
-    if block.is_symlink() or block.exists():
-        return BlockClaimTarget(block.resolve())
-    return FileClaimTarget(directory, capacity=config.max_image_size)
+    def _open_dvcr(self) -> ImageStore:
+        if self.config.dvcr:
+            raise ProvisioningFailed("a registry as DVCR (--dvcr) is not available yet")
+        return OciLayout(self.config.data_dir / "dvcr")
 
+    def claim_dir(self, obj: Object) -> Path:
+        return self.config.pvc_root / obj["metadata"]["namespace"] / claim_name(obj)
 
-def check_supported(obj: Object) -> None:
-    """Raises when this server cannot store the image the way its spec asks."""
-    if obj["spec"]["storage"] != STORAGE_PVC:
-        raise ProvisioningFailed(
-            "storage ContainerRegistry (DVCR) is not available on this server yet; "
-            "use spec.storage: PersistentVolumeClaim"
+    def target_status(self, obj: Object) -> dict[str, str]:
+        if uses_pvc(obj):
+            return {"persistentVolumeClaimName": claim_name(obj)}
+        return {"registryURL": self.dvcr.reference(dvcr_repo(obj), obj["metadata"]["uid"])}
+
+    def _decoder(self, target: RawTarget) -> Converter:
+        return RawConverter(target, Limits(max_virtual_size=self.config.max_image_size))
+
+    def _claim_target(self, obj: Object) -> ClaimTarget:
+        directory = self.claim_dir(obj)
+        block = directory / BLOCK_LINK
+        if block.is_symlink() or block.exists():
+            return BlockClaimTarget(block.resolve())
+        return FileClaimTarget(directory, capacity=self.config.max_image_size)
+
+    def check_length(self, obj: Object, length: int | None) -> None:
+        """Raises 411 when the storage needs the length up front and it is not known."""
+        if length is None and not uses_pvc(obj):
+            raise LengthRequired(
+                "ContainerRegistry storage needs the image's length before its data: send "
+                "Content-Length (curl -T FILE does), or use PersistentVolumeClaim storage"
+            )
+
+    async def open_sink(self, obj: Object, length: int | None, filename: str | None = None) -> Sink:
+        """The sink for one transfer into the image's storage."""
+        if uses_pvc(obj):
+            target: ClaimTarget = self._claim_target(obj)
+            rate = sink_rate_from_env()
+            if rate:
+                target = ThrottledTarget(target, rate)  # type: ignore[assignment]
+            return PvcSink(target, self._decoder(target))
+        self.check_length(obj, length)
+        assert length is not None
+        validator = self._decoder(NullTarget(self.config.max_image_size))
+        return await DvcrSink.open(
+            self.dvcr,
+            dvcr_repo(obj),
+            obj["metadata"]["uid"],
+            safe_filename(filename),
+            length,
+            validator,
         )
 
+    def remove_partial(self, obj: Object) -> None:
+        """Drops what an interrupted transfer left (after a crash the abort never ran)."""
+        if uses_pvc(obj):
+            with contextlib.suppress(FileNotFoundError):
+                (self.claim_dir(obj) / ".disk.img.partial").unlink()
 
-def open_sink(obj: Object, config: ServerConfig) -> Sink:
-    """The sink for one transfer into the image's storage."""
-    check_supported(obj)
-    target: ClaimTarget = _claim_target(obj, config)
-    rate = sink_rate_from_env()
-    if rate:
-        target = ThrottledTarget(target, rate)  # type: ignore[assignment]
-    return PvcSink(target, make_decoder(target, config))
+    async def remove_data(self, obj: Object) -> None:
+        """Deletes the image's stored data. A block claim's device is the operator's."""
+        if not uses_pvc(obj):
+            await self.dvcr.remove(dvcr_repo(obj), obj["metadata"]["uid"])
+            return
+        directory = self.claim_dir(obj)
+        if (directory / BLOCK_LINK).is_symlink() or (directory / BLOCK_LINK).exists():
+            return
 
+        def remove() -> None:
+            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(directory.parent)
 
-def remove_partial(obj: Object, config: ServerConfig) -> None:
-    """Drops what an interrupted transfer left (after a crash the abort never ran)."""
-    if obj["spec"]["storage"] == STORAGE_PVC:
-        with contextlib.suppress(FileNotFoundError):
-            (claim_dir(obj, config) / ".disk.img.partial").unlink()
-
-
-def remove_data(obj: Object, config: ServerConfig) -> None:
-    """Deletes the image's stored data. A block claim's device is the operator's: left as is."""
-    if obj.get("spec", {}).get("storage") != STORAGE_PVC:
-        return
-    directory = claim_dir(obj, config)
-    if (directory / BLOCK_LINK).is_symlink() or (directory / BLOCK_LINK).exists():
-        return
-    shutil.rmtree(directory, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        os.rmdir(directory.parent)
+        await asyncio.to_thread(remove)

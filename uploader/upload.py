@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from importer.errors import ImageTooLarge, TransferInterrupted
+from importer.errors import ImageTooLarge, TransferError, TransferInterrupted
 from uploader.api import CONTROLLER
 from uploader.errors import (
     ApiError,
@@ -109,11 +109,13 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     """Expect handler: refuse a bad token or a busy image before the body is sent."""
     controller = _controller(request)
     try:
-        controller.find_upload(request.match_info["token"])
+        obj = controller.find_upload(request.match_info["token"])
         _check_size(request, controller)
+        if request.content_type != "multipart/form-data":
+            controller.storage.check_length(obj, _expected_length(request))
     except ApiError as exc:
         return status_response(exc.code, exc.reason, exc.message, exc.headers)
-    except ImageTooLarge as exc:
+    except TransferError as exc:
         return status_response(exc.http_status, exc.reason, exc.message)
     if request.version >= aiohttp.HttpVersion11 and (
         request.headers.get("Expect", "").lower() == "100-continue"
@@ -134,16 +136,17 @@ def _upload_state(controller: ImageController, obj: Object) -> dict[str, object]
 async def put(request: web.Request) -> web.Response:
     controller = _controller(request)
     token = request.match_info["token"]
-    controller.find_upload(token)
+    obj = controller.find_upload(token)
     _check_size(request, controller)
     if request.content_type == "multipart/form-data":
         if request.method != "POST":
             raise BadRequest("multipart/form-data uploads use POST")
-        source = _chunks(_multipart_file(request), None)
         length = None
+        source = _chunks(_multipart_file(request), None)
     else:
         length = _expected_length(request)
         source = _chunks(request.content.iter_chunked(READ_CHUNK), length)
+    controller.storage.check_length(obj, length)
     obj = await controller.run_upload(token, source, length)
     status = obj["status"]
     body = {
