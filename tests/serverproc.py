@@ -154,3 +154,16 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
         raise AssertionError("no VmRSS")
+
+
+def curl(*args: str, stdin: bytes | None = None) -> tuple[int, dict]:
+    """Runs curl; returns (HTTP code, parsed JSON body)."""
+    out = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *args],
+        input=stdin,
+        capture_output=True,
+        check=True,
+        timeout=300,
+    ).stdout.decode()
+    body, _, code = out.rpartition("\n")
+    return int(code), json.loads(body) if body.strip() else {}

@@ -10,8 +10,7 @@ import tarfile
 from pathlib import Path
 
 from conftest import MiB, write_disk_image
-from serverproc import Server, manifest
-from test_upload import curl
+from serverproc import Server, curl, manifest
 
 
 def skopeo_copy(server: Server, obj: dict, out: Path) -> dict:

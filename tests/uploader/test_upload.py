@@ -13,20 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MiB, sha256_file, write_disk_image
-from serverproc import Server, manifest
-
-
-def curl(*args: str, stdin: bytes | None = None) -> tuple[int, dict]:
-    """Runs curl; returns (HTTP code, parsed JSON body)."""
-    out = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code}", *args],
-        input=stdin,
-        capture_output=True,
-        check=True,
-        timeout=300,
-    ).stdout.decode()
-    body, _, code = out.rpartition("\n")
-    return int(code), json.loads(body) if body.strip() else {}
+from serverproc import Server, curl, manifest
 
 
 def allocated(path: Path) -> int:
