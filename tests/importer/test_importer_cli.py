@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MiB, sha256_file, write_disk_image
+from diskimages import MiB, sha256_file, write_disk_image
 from nginxproc import Nginx
 from serverproc import free_port
 

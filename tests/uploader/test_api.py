@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MiB
+from diskimages import MiB
 from serverproc import API, Server, manifest
 
 

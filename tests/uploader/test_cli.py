@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import MiB
+from diskimages import MiB
 from serverproc import Server
 
 SOME_IMAGE = """\

@@ -9,7 +9,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from conftest import MiB, write_disk_image
+from diskimages import MiB, write_disk_image
 from serverproc import Server, curl, manifest
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MiB, sha256_file, write_disk_image
+from diskimages import MiB, sha256_file, write_disk_image
 from nginxproc import Nginx
 from serverproc import Server
 

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import MiB
+from diskimages import MiB
 from serverproc import Server, free_port, manifest
 
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MiB, sha256_file, write_disk_image
+from diskimages import MiB, sha256_file, write_disk_image
 from serverproc import Server, curl, manifest
 
 
