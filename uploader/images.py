@@ -427,6 +427,7 @@ class ImageController:
             cdrom=info.cdrom,
             checksum=result.checksums,
         )
+        self.store.set_received(key, result.received_bytes)
         token = self._token_of(obj)
         self.tokens.remove(key)
         if token:

@@ -27,6 +27,13 @@ CREATE TABLE IF NOT EXISTS objects (
     PRIMARY KEY (kind, namespace, name)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS received (
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+);
 """
 
 
@@ -123,12 +130,27 @@ class Store:
         self._notify(Event(event_type, obj))
         return copy.deepcopy(obj)
 
+    def set_received(self, key: ImageKey, count: int) -> None:
+        """Bytes taken from the sender for the image (kept out of the object itself)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO received (kind, namespace, name, bytes) VALUES (?,?,?,?)",
+                (*key, count),
+            )
+
+    def received(self, key: ImageKey) -> int:
+        row = self._db.execute(
+            "SELECT bytes FROM received WHERE kind=? AND namespace=? AND name=?", key
+        ).fetchone()
+        return int(row[0]) if row else 0
+
     def delete(self, key: ImageKey) -> Object | None:
         obj = self._objects.pop(key, None)
         if obj is None:
             return None
         with self._db:
             self._db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", key)
+            self._db.execute("DELETE FROM received WHERE kind=? AND namespace=? AND name=?", key)
         self._notify(Event("DELETED", obj))
         return copy.deepcopy(obj)
 

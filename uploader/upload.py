@@ -124,13 +124,17 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def _upload_state(controller: ImageController, obj: Object) -> dict[str, object]:
+def _upload_state(controller: ImageController, obj: Object) -> tuple[dict[str, object], int | None]:
+    """What GET answers, and the image's total length when known."""
     status = obj.get("status", {})
     transfer = controller.transfer_of(key_of(obj))
-    offset = transfer.progress.done if transfer else 0
+    offset, length = 0, None
+    if transfer is not None:
+        offset, length = transfer.progress.done, transfer.progress.total
     if status.get("phase") == READY:
-        offset = int(status.get("size", {}).get("storedBytes", 0) or 0)
-    return {"phase": status.get("phase"), "offset": offset, "progress": status.get("progress", "")}
+        offset = length = controller.store.received(key_of(obj))
+    state = {"phase": status.get("phase"), "offset": offset, "progress": status.get("progress", "")}
+    return state, length
 
 
 async def put(request: web.Request) -> web.Response:
@@ -151,7 +155,7 @@ async def put(request: web.Request) -> web.Response:
     status = obj["status"]
     body = {
         "phase": status["phase"],
-        "offset": int(status["size"]["storedBytes"]) if length is None else length,
+        "offset": controller.store.received(key_of(obj)),
         "progress": status.get("progress"),
         "format": status.get("format"),
         "checksum": status.get("checksum"),
@@ -172,14 +176,19 @@ def _image_for(request: web.Request) -> Object:
 
 async def head(request: web.Request) -> web.Response:
     controller = _controller(request)
-    state = _upload_state(controller, _image_for(request))
-    headers = {"Upload-Offset": str(state["offset"]), "Tus-Resumable": TUS_VERSION}
-    headers["Cache-Control"] = "no-store"
+    state, length = _upload_state(controller, _image_for(request))
+    headers = {
+        "Upload-Offset": str(state["offset"]),
+        "Tus-Resumable": TUS_VERSION,
+        "Cache-Control": "no-store",
+    }
+    if length is not None:
+        headers["Upload-Length"] = str(length)
     return web.Response(status=200, headers=headers)
 
 
 async def get(request: web.Request) -> web.Response:
-    state = _upload_state(_controller(request), _image_for(request))
+    state, _ = _upload_state(_controller(request), _image_for(request))
     return web.Response(text=json.dumps(state) + "\n", content_type="application/json")
 
 

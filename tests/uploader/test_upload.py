@@ -157,6 +157,9 @@ def test_second_upload_after_ready_is_409(server: Server, tmp_path: Path) -> Non
     assert code == 409
     assert "Ready" in body["message"]
     assert sha256_file(server.claim_dir("once") / "disk.img") == before
+    head = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, text=True).stdout
+    assert "upload-offset: 2097152" in head.lower()
+    assert "upload-length: 2097152" in head.lower()
 
 
 def test_two_requests_at_once_for_one_image(server: Server, tmp_path: Path) -> None:
