@@ -29,6 +29,8 @@ class ImageInfo:
     format: str  # qcow2|raw|iso|vmdk|vdi|vhd|vhdx
     virtual_size: int  # bytes of the guest-visible disk
     cdrom: bool = False
+    # Wrappers taken off on the way in, outermost first: ("gzip", "tar"), ("xz",), ...
+    wrappers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
