@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to listen on")
     serve.add_argument("--data-dir", type=Path, default=Path("./dvcr-data"))
     serve.add_argument("--dvcr", help="registry URL for DVCR (default: OCI layout in data dir)")
+    serve.add_argument("--dvcr-auth-config", type=Path, help="dockerconfigjson for the DVCR")
+    serve.add_argument("--dvcr-ca-bundle", type=Path, help="PEM CA bundle for the DVCR's TLS")
+    serve.add_argument(
+        "--dvcr-insecure", action="store_true", help="do not verify the DVCR's TLS certificate"
+    )
     serve.add_argument("--external-url", help="base of the external upload URLs")
     serve.add_argument("--in-cluster-url", help="base of the in-cluster upload URLs")
     serve.add_argument("--metrics-listen", help="HOST:PORT for a separate /metrics listener")
@@ -122,6 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         data_dir=args.data_dir,
         dvcr=args.dvcr,
+        dvcr_auth_config=args.dvcr_auth_config,
+        dvcr_ca_bundle=args.dvcr_ca_bundle,
+        dvcr_insecure=args.dvcr_insecure,
         external_url=args.external_url,
         in_cluster_url=args.in_cluster_url,
         metrics_listen=args.metrics_listen,

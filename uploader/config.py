@@ -23,6 +23,9 @@ class ServerConfig:
     listen: str = DEFAULT_LISTEN
     data_dir: Path = Path("./dvcr-data")
     dvcr: str | None = None  # a registry URL; None: the embedded OCI layout
+    dvcr_auth_config: Path | None = None  # dockerconfigjson with the registry's credentials
+    dvcr_ca_bundle: Path | None = None
+    dvcr_insecure: bool = False
     external_url: str | None = None
     in_cluster_url: str | None = None
     metrics_listen: str | None = None

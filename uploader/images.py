@@ -142,6 +142,7 @@ class ImageController:
                 await asyncio.wait_for(transfer.done.wait(), 30)
         if self._import_tasks:
             await asyncio.wait(self._import_tasks, timeout=30)
+        await self.storage.close()
 
     # -- API ----------------------------------------------------------------------------
 

@@ -13,15 +13,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 from pathlib import Path
 
-from importer.errors import ProvisioningFailed, TransferError
+from importer.errors import TransferError
 from importer.formats.base import Converter, Limits, NullTarget, RawTarget
 from importer.formats.raw import RawConverter
+from importer.oci.auth import Credentials
 from importer.oci.layer import safe_filename
 from importer.oci.layout import OciLayout
+from importer.oci.registry import RegistryClient
+from importer.oci.registry_store import RegistryStore
 from importer.pipeline import Sink
 from importer.sinks.dvcr import DvcrSink, ImageStore
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
@@ -31,6 +35,7 @@ from uploader.resources import STORAGE_PVC
 from uploader.store import Object
 
 BLOCK_LINK = "block"
+log = logging.getLogger(__name__)
 
 
 class LengthRequired(TransferError):
@@ -54,6 +59,15 @@ def uses_pvc(obj: Object) -> bool:
     return obj.get("spec", {}).get("storage") == STORAGE_PVC
 
 
+def registry_url(dvcr: str) -> str:
+    """`host:port` without a scheme means plain HTTP on a loopback address, else HTTPS."""
+    if "://" in dvcr:
+        return dvcr.rstrip("/")
+    host = dvcr.rsplit(":", 1)[0].strip("[]")
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    return f"{'http' if loopback else 'https'}://{dvcr.rstrip('/')}"
+
+
 class Storage:
     """The storage of one server: its DVCR and its claims."""
 
@@ -62,9 +76,23 @@ class Storage:
         self.dvcr: ImageStore = self._open_dvcr()
 
     def _open_dvcr(self) -> ImageStore:
-        if self.config.dvcr:
-            raise ProvisioningFailed("a registry as DVCR (--dvcr) is not available yet")
-        return OciLayout(self.config.data_dir / "dvcr")
+        config = self.config
+        if not config.dvcr:
+            return OciLayout(config.data_dir / "dvcr")
+        url = registry_url(config.dvcr)
+        credentials = None
+        if config.dvcr_auth_config:
+            host = url.split("://", 1)[1].rstrip("/")
+            credentials = Credentials.from_docker_config(config.dvcr_auth_config, host)
+        ca_bundle = config.dvcr_ca_bundle.read_bytes() if config.dvcr_ca_bundle else None
+        client = RegistryClient(
+            url, credentials=credentials, ca_bundle=ca_bundle, insecure=config.dvcr_insecure
+        )
+        return RegistryStore(client)
+
+    async def close(self) -> None:
+        if isinstance(self.dvcr, RegistryStore):
+            await self.dvcr.close()
 
     def claim_dir(self, obj: Object) -> Path:
         return self.config.pvc_root / obj["metadata"]["namespace"] / claim_name(obj)
@@ -121,7 +149,10 @@ class Storage:
     async def remove_data(self, obj: Object) -> None:
         """Deletes the image's stored data. A block claim's device is the operator's."""
         if not uses_pvc(obj):
-            await self.dvcr.remove(dvcr_repo(obj), obj["metadata"]["uid"])
+            try:
+                await self.dvcr.remove(dvcr_repo(obj), obj["metadata"]["uid"])
+            except TransferError as exc:
+                log.warning("the DVCR tag of %s stays behind: %s", dvcr_repo(obj), exc.message)
             return
         directory = self.claim_dir(obj)
         if (directory / BLOCK_LINK).is_symlink() or (directory / BLOCK_LINK).exists():

@@ -5,19 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import tarfile
 from pathlib import Path
 
 from diskimages import MiB, write_disk_image
+from dvcrimage import check_image, skopeo_copy
 from serverproc import Server, curl, manifest
 
 
-def skopeo_copy(server: Server, obj: dict, out: Path) -> dict:
+def skopeo_copy_image(obj: dict, out: Path) -> dict:
     ref = obj["status"]["target"]["registryURL"]
     assert ref.startswith("oci:")
-    subprocess.run(["skopeo", "copy", ref, f"dir:{out}"], check=True, capture_output=True)
-    return json.loads((out / "manifest.json").read_text())
+    return skopeo_copy(ref, out)
 
 
 def test_upload_into_the_oci_layout(server: Server, tmp_path: Path) -> None:
@@ -35,26 +33,10 @@ def test_upload_into_the_oci_layout(server: Server, tmp_path: Path) -> None:
     assert status["target"]["registryURL"].endswith(f":vi/default/some-image:{uid}")
 
     out = tmp_path / "copy"
-    copied = skopeo_copy(server, obj, out)
-    layer_digest = copied["layers"][0]["digest"]
-    assert copied["layers"][0]["mediaType"] == "application/vnd.oci.image.layer.v1.tar"
-    layer = out / layer_digest.removeprefix("sha256:")
-    assert "sha256:" + hashlib.sha256(layer.read_bytes()).hexdigest() == layer_digest
-    assert int(status["size"]["storedBytes"]) == layer.stat().st_size
-    with tarfile.open(layer) as tar:
-        members = tar.getmembers()
-        assert [m.name for m in members] == ["disk", "disk/disk.img"]
-        assert members[0].isdir()
-        disk = members[1]
-        assert disk.isfile()
-        assert (disk.uid, disk.gid, disk.mode) == (107, 107, 0o444)
-        extracted = tar.extractfile(disk)
-        assert extracted is not None
-        assert hashlib.sha256(extracted.read()).hexdigest() == sha256
-
-    config = json.loads((out / copied["config"]["digest"].removeprefix("sha256:")).read_text())
-    assert config["rootfs"]["diff_ids"] == [layer_digest]
-    assert config["config"]["Labels"] == {
+    copied = skopeo_copy_image(obj, out)
+    labels = check_image(out, copied, sha256)
+    assert int(status["size"]["storedBytes"]) == copied["layers"][0]["size"]
+    assert labels == {
         "source-image-size": str(24 * MiB),
         "source-image-virtual-size": str(24 * MiB),
         "source-image-format": "raw",
@@ -111,7 +93,7 @@ def test_delete_removes_the_tag_and_unshared_blobs(server: Server, tmp_path: Pat
     server.call("DELETE", server.images_path(name="first"))
     second = server.get("second")
     assert layout_refs(server) == [f"vi/default/second:{second['metadata']['uid']}"]
-    skopeo_copy(server, second, tmp_path / "copy")  # the shared layer is still there
+    skopeo_copy_image(second, tmp_path / "copy")  # the shared layer is still there
     server.call("DELETE", server.images_path(name="second"))
     assert layout_refs(server) == []
     assert blob_names(server) == set()

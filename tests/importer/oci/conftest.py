@@ -11,7 +11,7 @@ from registryproc import REGISTRY, Registry
 
 def _require(binary: str, package: str) -> None:
     if not shutil.which(binary) and not Path(binary).exists():
-        pytest.skip(f"{binary} is missing: apt-get install -y {package}")
+        pytest.fail(f"{binary} is missing: apt-get install -y {package}")
 
 
 @pytest.fixture
