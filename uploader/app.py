@@ -24,6 +24,7 @@ log = logging.getLogger("dvcr-uploader")
 METRICS = web.AppKey("metrics", Metrics)
 # Bodies of control requests are small manifests; upload bodies are streamed, never read whole.
 MAX_MANIFEST_SIZE = 4 << 20
+SHUTDOWN_GRACE = 3.0  # seconds
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -61,14 +62,15 @@ def build_app(config: ServerConfig) -> web.Application:
     api.add_routes(app)
     upload.add_routes(app)
 
-    async def end_watches(app: web.Application) -> None:
+    async def stop_transfers(app: web.Application) -> None:
+        # Before aiohttp waits for open requests: watches and uploads end now, not later.
         store.end_watches()
+        await app[api.CONTROLLER].stop()
 
     async def close(app: web.Application) -> None:
-        await app[api.CONTROLLER].stop()
         store.close()
 
-    app.on_shutdown.append(end_watches)
+    app.on_shutdown.append(stop_transfers)
     app.on_cleanup.append(close)
     return app
 
@@ -97,7 +99,15 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
     await runner.setup()
     host, port = split_host_port(config.listen)
     site = web.TCPSite(
-        runner, host, port, ssl_context=_ssl_context(config), reuse_address=True, backlog=512
+        runner,
+        host,
+        port,
+        ssl_context=_ssl_context(config),
+        reuse_address=True,
+        backlog=512,
+        # Transfers are stopped before this wait; what is left is a request body still
+        # being drained after its answer, which must not hold a stop for long.
+        shutdown_timeout=SHUTDOWN_GRACE,
     )
     await site.start()
     bound_port = runner.addresses[0][1]

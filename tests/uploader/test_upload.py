@@ -299,6 +299,27 @@ def test_head_get_options_on_upload_url(server: Server, tmp_path: Path) -> None:
     assert "PUT" in body["message"]
 
 
+def test_sigterm_mid_upload_exits_promptly(tmp_path: Path) -> None:
+    srv = Server(tmp_path / "data").start()
+    try:
+        image = tmp_path / "disk.raw"
+        image.write_bytes(os.urandom(64 * MiB))
+        srv.create(manifest("term"))
+        url = srv.upload_url("term")
+        proc = subprocess.Popen(["curl", "-sS", "--limit-rate", "4M", "-T", str(image), url])
+        srv.wait_phase("term", ("Provisioning",))
+        started = time.monotonic()
+        srv.stop()
+        assert time.monotonic() - started < 10
+        proc.wait(timeout=30)
+        srv.start()
+        obj = srv.get("term")
+        assert obj["status"]["phase"] == "WaitForUserUpload"
+        assert list(srv.claim_dir("term").iterdir()) == []
+    finally:
+        srv.stop()
+
+
 def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
     srv = Server(tmp_path / "data", "--max-image-size", "4Mi").start()
     try:
