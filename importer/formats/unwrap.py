@@ -1,0 +1,588 @@
+"""Taking wrappers off a stream as it passes: gzip, xz, zstd, bzip2 and a one-file tar.
+
+Each unwrapper is a push stage: `feed` takes the next piece of the wrapped stream and feeds
+what it unwraps onward, in pieces of at most `PIECE` bytes, so no member, frame or file is
+ever held whole in memory. Concatenated members/streams/frames are read one after the other
+(as `gzip -d`, `xz -d`, `zstd -d` and `bzip2 -d` do); zero bytes after the last one are
+padding. Everything unwrapped is counted: a stream that expands past what any image within
+the limits can be (a compression bomb) stops with `ImageTooLarge` as soon as it crosses
+that line, after bounded work.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any, Final, Protocol
+
+import zstandard
+
+from importer.errors import ImageTooLarge, InvalidImage
+from importer.formats.base import Buffer, Limits, MiB
+from importer.formats.sniff import TAR_BLOCK, tar_checksum_ok
+
+# Largest piece handed onward, and largest piece of input given to a decompressor at once
+# (which bounds the expansion of one call).
+PIECE: Final = 1 * MiB
+INPUT_SLICE: Final = 128 * 1024
+
+# Memory a decoder may need for its window: xz -9 needs 65 MiB, zstd's default limit is
+# 128 MiB (frames made with --long=31 are refused).
+XZ_MEMORY_LIMIT: Final = 256 * MiB
+ZSTD_MAX_WINDOW: Final = 128 * MiB
+
+# Metadata in a tar (pax records, GNU long names) larger than this is not a disk archive.
+TAR_MAX_METADATA: Final = 1 * MiB
+
+
+class Stage(Protocol):
+    """A consumer of a byte stream: the next unwrapper, a sniffer or a converter."""
+
+    def feed(self, data: memoryview) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def max_unwrapped_size(limits: Limits) -> int:
+    """The most an image within the limits can take as a file: the virtual size plus room
+    for metadata (qcow2 tables, VMDK grain tables, ...) and for internal snapshots."""
+    return limits.max_virtual_size + limits.max_virtual_size // 8 + 64 * MiB
+
+
+def _is_zero(data: Buffer) -> bool:
+    raw = bytes(data)
+    return raw.count(0) == len(raw)
+
+
+class _Unwrapper:
+    name: str
+
+    def __init__(self, downstream: Stage, limits: Limits) -> None:
+        self.downstream = downstream
+        self.limit = max_unwrapped_size(limits)
+        self.produced = 0
+
+    def _emit(self, out: Buffer) -> None:
+        if not out:
+            return
+        self.produced += len(out)
+        if self.produced > self.limit:
+            raise ImageTooLarge(
+                f"{self.name}: the stream expands to more than {self.limit} bytes, more than "
+                "any image within the size limit can take"
+            )
+        self.downstream.feed(memoryview(out))
+
+    def close(self) -> None:
+        self.downstream.close()
+
+
+class _MemberDecompressor(_Unwrapper):
+    """gzip, xz and bzip2: a sequence of independent members, each with its own end, then
+    optional zero padding."""
+
+    def __init__(self, downstream: Stage, limits: Limits) -> None:
+        super().__init__(downstream, limits)
+        self._decoder: Any = None
+        self._members = 0
+        self._padding = False
+
+    def _new_decoder(self) -> Any:
+        raise NotImplementedError
+
+    def _run(self, decoder: Any, data: memoryview) -> int:
+        """Decompresses `data`; returns how many bytes at its end follow the member's end
+        (-1 while the member goes on)."""
+        raise NotImplementedError
+
+    def _decompress(self, decoder: Any, data: Buffer) -> bytes:
+        try:
+            return decoder.decompress(data, PIECE)
+        except (zlib.error, lzma.LZMAError, OSError, EOFError) as exc:
+            raise InvalidImage(f"{self.name}: the compressed stream is corrupt: {exc}") from exc
+
+    def feed(self, data: memoryview) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            if self._padding:
+                if not _is_zero(data[pos:]):
+                    raise InvalidImage(
+                        f"{self.name}: unexpected data after the end of the compressed stream"
+                    )
+                return
+            if self._decoder is None:
+                if self._members and data[pos] == 0:
+                    self._padding = True
+                    continue
+                self._decoder = self._new_decoder()
+            end = min(n, pos + INPUT_SLICE)
+            left = self._run(self._decoder, data[pos:end])
+            if left >= 0:
+                self._decoder = None
+                self._members += 1
+                end -= left
+            pos = end
+
+    def finish(self) -> None:
+        if self._decoder is not None or not self._members:
+            raise InvalidImage(f"{self.name}: the compressed stream is truncated")
+        self.downstream.finish()
+
+
+class GzipReader(_MemberDecompressor):
+    name = "gzip"
+
+    def _new_decoder(self) -> Any:
+        return zlib.decompressobj(wbits=31)
+
+    def _run(self, decoder: Any, data: memoryview) -> int:
+        # zlib hands back the input it did not consume; feeding it again drains the
+        # output a piece at a time.
+        pending: Buffer = data
+        while True:
+            out = self._decompress(decoder, pending)
+            self._emit(out)
+            if decoder.eof:
+                return len(decoder.unused_data)
+            pending = decoder.unconsumed_tail
+            if not pending and len(out) < PIECE:
+                return -1
+
+
+class _BufferingReader(_MemberDecompressor):
+    """Decoders that keep unconsumed input themselves (`needs_input`): xz, bzip2."""
+
+    def _run(self, decoder: Any, data: memoryview) -> int:
+        out = self._decompress(decoder, data)
+        while True:
+            self._emit(out)
+            if decoder.eof:
+                return len(decoder.unused_data)
+            if decoder.needs_input:
+                return -1
+            out = self._decompress(decoder, b"")
+
+
+class XzReader(_BufferingReader):
+    name = "xz"
+
+    def _new_decoder(self) -> Any:
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+
+
+class Bzip2Reader(_BufferingReader):
+    name = "bzip2"
+
+    def _new_decoder(self) -> Any:
+        return bz2.BZ2Decompressor()
+
+
+# -- zstd ---------------------------------------------------------------------------------
+
+ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+ZSTD_MAX_BLOCK: Final = 128 * 1024
+# Blocks handed to the decoder per call: each yields at most ZSTD_MAX_BLOCK bytes.
+ZSTD_BLOCKS_PER_CALL: Final = 8
+
+_MAGIC, _FRAME_HEADER, _BLOCK_HEADER, _BLOCK_BODY, _CHECKSUM, _SKIP_SIZE, _SKIP, _PADDING = range(8)
+
+
+class ZstdFrames:
+    """Follows the frame and block structure of a zstd stream (RFC 8878) without decoding
+    it, and cuts the stream into pieces of a few blocks each. A zstd block decodes to at
+    most 128 KiB, so handing the decoder one piece at a time bounds what one call can
+    produce, however much the data expands. Skippable frames are left out."""
+
+    def __init__(self) -> None:
+        self.state = _MAGIC
+        self.header = bytearray()
+        self.need = 4
+        self.remaining = 0
+        self.frames = 0
+        self.last_block = False
+        self.has_checksum = False
+
+    @property
+    def between_frames(self) -> bool:
+        return (self.state == _MAGIC and not self.header) or self.state == _PADDING
+
+    def split(self, view: memoryview) -> Iterator[tuple[Buffer, bool]]:
+        """Yields (bytes of a frame, whether the frame ends with them)."""
+        pos = 0
+        n = len(view)
+        # Start in `view` of frame bytes not yet yielded; -1 outside a frame.
+        run = 0 if self.state in (_FRAME_HEADER, _BLOCK_HEADER, _BLOCK_BODY, _CHECKSUM) else -1
+        blocks = 0
+        while pos < n:
+            state = self.state
+            if state in (_BLOCK_BODY, _CHECKSUM, _SKIP):
+                take = min(self.remaining, n - pos)
+                pos += take
+                self.remaining -= take
+                if self.remaining:
+                    continue
+                if state == _SKIP:
+                    self.state, self.need = _MAGIC, 4
+                elif self._frame_ends(state):
+                    yield view[run:pos], True
+                    run = -1
+                    blocks = 0
+                continue
+            if state == _PADDING:
+                if not _is_zero(view[pos:]):
+                    raise InvalidImage("zstd: unexpected data after the last frame")
+                return
+            if state == _MAGIC and not self.header and self.frames and view[pos] == 0:
+                self.state = _PADDING
+                continue
+            if state == _BLOCK_HEADER and not self.header and blocks >= ZSTD_BLOCKS_PER_CALL:
+                if pos > run:
+                    yield view[run:pos], False
+                run = pos
+                blocks = 0
+            take = min(self.need - len(self.header), n - pos)
+            self.header += view[pos : pos + take]
+            pos += take
+            if len(self.header) < self.need:
+                continue
+            header = bytes(self.header)
+            self.header.clear()
+            if state == _MAGIC:
+                if header == ZSTD_MAGIC:
+                    yield header, False
+                    run = pos
+                    self.state, self.need = _FRAME_HEADER, 1
+                elif header[1:] == b"\x2a\x4d\x18" and header[0] & 0xF0 == 0x50:
+                    self.state, self.need = _SKIP_SIZE, 4
+                else:
+                    raise InvalidImage(
+                        f"zstd: frame {self.frames + 1} does not start with the zstd magic"
+                    )
+            elif state == _SKIP_SIZE:
+                self.state, self.remaining = _SKIP, struct.unpack("<I", header)[0]
+                if not self.remaining:
+                    self.state, self.need = _MAGIC, 4
+            elif state == _FRAME_HEADER and self.need == 1:
+                # The descriptor byte says how long the rest of the header is.
+                self.need = 1 + _frame_header_rest(header[0])
+                self.header += header
+            elif state == _FRAME_HEADER:
+                self.has_checksum = bool(header[0] & 0x04)
+                self.state, self.need = _BLOCK_HEADER, 3
+            else:
+                value = int.from_bytes(header, "little")
+                self.last_block = bool(value & 1)
+                block_type = (value >> 1) & 3
+                block_size = value >> 3
+                if block_type == 3 or block_size > ZSTD_MAX_BLOCK:
+                    raise InvalidImage(f"zstd: invalid block in frame {self.frames + 1}")
+                blocks += 1
+                self.state = _BLOCK_BODY
+                self.remaining = 1 if block_type == 1 else block_size
+                if not self.remaining and self._frame_ends(_BLOCK_BODY):
+                    yield view[run:pos], True
+                    run = -1
+                    blocks = 0
+        if run >= 0 and pos > run:
+            yield view[run:pos], False
+
+    def _frame_ends(self, done: int) -> bool:
+        """Moves on after a block body or the checksum is complete; True at a frame's end."""
+        if done == _BLOCK_BODY and not self.last_block:
+            self.state, self.need = _BLOCK_HEADER, 3
+            return False
+        if done == _BLOCK_BODY and self.has_checksum:
+            self.state, self.remaining = _CHECKSUM, 4
+            return False
+        self.frames += 1
+        self.state, self.need = _MAGIC, 4
+        return True
+
+
+def _frame_header_rest(descriptor: int) -> int:
+    """Bytes of the frame header after its descriptor byte."""
+    if descriptor & 0x08:
+        raise InvalidImage("zstd: a frame header has its reserved bit set")
+    single_segment = descriptor & 0x20
+    fcs_flag = descriptor >> 6
+    fcs_size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+    did_size = (0, 1, 2, 4)[descriptor & 3]
+    return (0 if single_segment else 1) + did_size + fcs_size
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    return zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
+
+
+class ZstdReader(_Unwrapper):
+    name = "zstd"
+
+    def __init__(self, downstream: Stage, limits: Limits) -> None:
+        super().__init__(downstream, limits)
+        self._context = _zstd_decompressor()
+        self._frames = ZstdFrames()
+        self._decoder: zstandard.ZstdDecompressionObj | None = None
+
+    def feed(self, data: memoryview) -> None:
+        for piece, frame_ends in self._frames.split(data):
+            if self._decoder is None:
+                self._decoder = self._context.decompressobj()
+            try:
+                out = self._decoder.decompress(piece)
+            except zstandard.ZstdError as exc:
+                raise InvalidImage(f"zstd: the compressed stream is corrupt: {exc}") from exc
+            self._emit(out)
+            if frame_ends:
+                if not self._decoder.eof:
+                    raise InvalidImage("zstd: a frame ends before its last block")
+                self._decoder = None
+
+    def finish(self) -> None:
+        if not self._frames.between_frames or not self._frames.frames:
+            raise InvalidImage("zstd: the compressed stream is truncated")
+        self.downstream.finish()
+
+
+def zstd_decompress_exactly(data: Buffer, size: int) -> bytes | None:
+    """The first `size` bytes a zstd frame at the start of `data` decodes to, decoding no
+    further than needed; None if the frame ends before, or is cut off before, `size`."""
+    frames = ZstdFrames()
+    decoder = _zstd_decompressor().decompressobj()
+    out = bytearray()
+    try:
+        for piece, frame_ends in frames.split(memoryview(data)):
+            out += decoder.decompress(piece)
+            if len(out) >= size:
+                return bytes(out[:size])
+            if frame_ends:
+                break
+    except (zstandard.ZstdError, InvalidImage):
+        return None
+    return None
+
+
+# -- tar ----------------------------------------------------------------------------------
+
+_REGULAR: Final = (b"0", b"\0", b"7")
+_TAR_KINDS: Final = {
+    b"1": "hard link",
+    b"2": "symbolic link",
+    b"3": "character device",
+    b"4": "block device",
+    b"6": "FIFO",
+    b"S": "GNU sparse file",
+    b"V": "volume label",
+    b"M": "multi-volume continuation",
+}
+_HEADER, _CONTENT, _METADATA, _SKIP_DATA, _PAD, _END = range(6)
+
+
+class TarReader:
+    """A tar archive holding one disk image (and perhaps directories): the file's content
+    is passed on as it arrives. Links, devices, sparse files and a second file are refused:
+    the archive must say unambiguously which bytes are the disk."""
+
+    name = "tar"
+
+    def __init__(self, downstream: Stage, limits: Limits) -> None:
+        self.downstream = downstream
+        self.limit = max_unwrapped_size(limits)
+        self.state = _HEADER
+        self.block = bytearray()
+        self.remaining = 0
+        self.padding = 0
+        self.offset = 0  # of the stream, for messages
+        self.file_name: str | None = None
+        self.long_name: str | None = None
+        self.pax: dict[str, str] = {}
+        self.metadata = bytearray()
+        self.on_metadata: Callable[[bytes], None] = _ignore
+
+    def feed(self, data: memoryview) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            state = self.state
+            if state == _END:
+                return
+            if state == _HEADER:
+                take = min(TAR_BLOCK - len(self.block), n - pos)
+                self.block += data[pos : pos + take]
+                pos += take
+                if len(self.block) == TAR_BLOCK:
+                    header = bytes(self.block)
+                    self.block.clear()
+                    self._on_header(header)
+                    self.offset += TAR_BLOCK
+                continue
+            take = min(self.remaining, n - pos)
+            piece = data[pos : pos + take]
+            if state == _CONTENT:
+                self.downstream.feed(piece)
+            elif state == _METADATA:
+                self.metadata += piece
+            pos += take
+            self.offset += take
+            self.remaining -= take
+            if self.remaining:
+                continue
+            if state == _METADATA:
+                content = bytes(self.metadata)
+                self.metadata.clear()
+                self.on_metadata(content)
+            if state == _PAD:
+                self.state = _HEADER
+            else:
+                self.state, self.remaining = _PAD, self.padding
+                if not self.remaining:
+                    self.state = _HEADER
+
+    def _on_header(self, header: bytes) -> None:
+        if header.count(0) == TAR_BLOCK:
+            self.state = _END
+            return
+        if not tar_checksum_ok(header):
+            raise InvalidImage(f"tar: the header at offset {self.offset} has a bad checksum")
+        kind = header[156:157]
+        name = self._name(header)
+        size = self._size(header, name)
+        if kind not in (b"x", b"g"):
+            self.pax = {}
+            self.long_name = None
+        self.padding = -size % TAR_BLOCK
+        self.remaining = size
+        self.state = _SKIP_DATA
+        if kind in _REGULAR:
+            if self.file_name is not None:
+                raise InvalidImage(
+                    f"tar: the archive holds more than one file ({self.file_name!r}, "
+                    f"{name!r}); it must hold exactly one disk image"
+                )
+            self.file_name = name
+            if size > self.limit:
+                raise ImageTooLarge(
+                    f"tar: {name!r} is {size} bytes, more than any image within the size "
+                    "limit can take"
+                )
+            self.state = _CONTENT
+        elif kind in (b"x", b"g", b"L", b"K"):
+            if size > TAR_MAX_METADATA:
+                raise InvalidImage(f"tar: an extended header of {size} bytes is too large")
+            self.state = _METADATA
+            self.on_metadata = {
+                b"x": self._on_pax,
+                b"g": _ignore,
+                b"L": self._on_long_name,
+                b"K": _ignore,
+            }[kind]
+        elif kind != b"5":
+            what = _TAR_KINDS.get(kind, f"entry of type {kind!r}")
+            raise InvalidImage(
+                f"tar: {name!r} is a {what}; the archive may hold only one regular file "
+                "(and directories)"
+            )
+        if self.remaining == 0:
+            if self.state == _METADATA:
+                self.on_metadata(b"")
+            self.state = _HEADER
+
+    def _name(self, header: bytes) -> str:
+        if self.pax.get("path"):
+            return self.pax["path"]
+        if self.long_name:
+            return self.long_name
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:263] == b"ustar\0":
+            prefix = header[345:500].split(b"\0", 1)[0]
+            if prefix:
+                name = prefix + b"/" + name
+        return name.decode("utf-8", "replace")
+
+    def _size(self, header: bytes, name: str) -> int:
+        if "size" in self.pax:
+            try:
+                size = int(self.pax["size"])
+            except ValueError:
+                size = -1
+        else:
+            size = parse_tar_number(header[124:136])
+        if size < 0:
+            raise InvalidImage(f"tar: the size of {name!r} is not a valid number")
+        if any(key.startswith("GNU.sparse") for key in self.pax):
+            raise InvalidImage(f"tar: {name!r} is a sparse file, which is not supported")
+        return size
+
+    def _on_pax(self, content: bytes) -> None:
+        self.pax = parse_pax_records(content)
+
+    def _on_long_name(self, content: bytes) -> None:
+        self.long_name = content.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+    def finish(self) -> None:
+        if self.state in (_CONTENT, _METADATA, _SKIP_DATA) or self.block:
+            raise InvalidImage(f"tar: the archive is truncated at byte {self.offset}")
+        if self.file_name is None:
+            raise InvalidImage("tar: the archive holds no file")
+        self.downstream.finish()
+
+    def close(self) -> None:
+        self.downstream.close()
+
+
+def _ignore(_content: bytes) -> None:
+    return None
+
+
+def parse_tar_number(field: bytes) -> int:
+    """An octal number, or GNU's base-256 for large values; -1 if neither."""
+    if field[0] & 0x80:
+        if field[0] == 0xFF:
+            return -1
+        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    if not text:
+        return 0
+    try:
+        return int(text, 8)
+    except ValueError:
+        return -1
+
+
+def parse_pax_records(content: bytes) -> dict[str, str]:
+    """`<length> <key>=<value>\\n` records."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(content):
+        if content[pos] == 0:
+            break
+        space = content.find(b" ", pos)
+        try:
+            length = int(content[pos:space]) if space > pos else 0
+        except ValueError:
+            length = 0
+        record = content[space + 1 : pos + length]
+        if length <= 0 or pos + length > len(content) or b"=" not in record:
+            raise InvalidImage("tar: a pax extended header is malformed")
+        key, _, value = record.rstrip(b"\n").partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return records
+
+
+UNWRAPPERS: Final[dict[str, Callable[[Stage, Limits], Stage]]] = {
+    "gzip": GzipReader,
+    "xz": XzReader,
+    "zstd": ZstdReader,
+    "bzip2": Bzip2Reader,
+    "tar": TarReader,
+}
+
+
+def unwrapper(kind: str, downstream: Stage, limits: Limits) -> Stage:
+    return UNWRAPPERS[kind](downstream, limits)
