@@ -47,6 +47,8 @@ SECTOR: Final = 512
 
 # Limits qemu itself enforces when it opens an image.
 MAX_L1_ENTRIES: Final = (32 * MiB) // 8
+# Host offsets in qcow2 tables are at most 56 bits wide.
+MAX_HOST_OFFSET: Final = 1 << 56
 MAX_REFCOUNT_TABLE: Final = 8 * MiB
 MAX_SNAPSHOTS: Final = 65536
 MAX_REFCOUNT_ORDER: Final = 6
@@ -476,6 +478,10 @@ class Qcow2Converter(Converter):
             raise InvalidImage(
                 f"qcow2: the L1 table has {l1_size} entries, but a disk of {size} bytes "
                 f"needs {l1_needed}"
+            )
+        if l1_table_offset >= MAX_HOST_OFFSET:
+            raise InvalidImage(
+                f"qcow2: the L1 table offset {l1_table_offset:#x} lies past any possible file"
             )
         if l1_table_offset % cluster_size:
             raise InvalidImage(
