@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from serverproc import Server  # noqa: E402
+
 # CI runs the fuzz tests with a fixed seed so a landing never hangs on luck; local runs
 # explore new examples each time.
 settings.register_profile("ci", derandomize=True, deadline=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from serverproc import Server
 
 
 @pytest.fixture
