@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serverproc import Server  # noqa: E402
+from serverproc import Server
 
 # CI runs the fuzz tests with a fixed seed so a landing never hangs on luck; local runs
 # explore new examples each time.
