@@ -22,7 +22,7 @@ from aiohttp import web
 
 from importer.errors import TransferError
 from importer.formats.base import Limits, TiB
-from importer.formats.raw import RawConverter
+from importer.formats.decoder import ImageDecoder
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
 from importer.pipeline import Pipeline, PipelineOptions, TransferResult
 from importer.progress import Progress
@@ -154,7 +154,7 @@ async def run_import(args: argparse.Namespace, metrics: Metrics) -> TransferResu
     rate = sink_rate_from_env()
     if rate:
         target = ThrottledTarget(target, rate)  # type: ignore[assignment]
-    sink = PvcSink(target, RawConverter(target, Limits(max_virtual_size=args.max_image_size)))
+    sink = PvcSink(target, ImageDecoder(target, Limits(max_virtual_size=args.max_image_size)))
     algorithms = tuple(sorted({"sha256", *expected}))
 
     async def transfer(source: AsyncIterator[bytes], length: int | None) -> TransferResult:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from importer.errors import TransferError
 from importer.formats.base import Converter, Limits, NullTarget, RawTarget
-from importer.formats.raw import RawConverter
+from importer.formats.decoder import ImageDecoder
 from importer.oci.auth import Credentials
 from importer.oci.layer import safe_filename
 from importer.oci.layout import OciLayout
@@ -74,6 +74,9 @@ class Storage:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.dvcr: ImageStore = self._open_dvcr()
+        # Data that arrives before the table that places it waits here, on the data disk.
+        self.spill_dir = config.data_dir / "spill"
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
 
     def _open_dvcr(self) -> ImageStore:
         config = self.config
@@ -103,7 +106,8 @@ class Storage:
         return {"registryURL": self.dvcr.reference(dvcr_repo(obj), obj["metadata"]["uid"])}
 
     def _decoder(self, target: RawTarget) -> Converter:
-        return RawConverter(target, Limits(max_virtual_size=self.config.max_image_size))
+        limits = Limits(max_virtual_size=self.config.max_image_size, spill_dir=str(self.spill_dir))
+        return ImageDecoder(target, limits)
 
     def _claim_target(self, obj: Object) -> ClaimTarget:
         directory = self.claim_dir(obj)

@@ -73,6 +73,10 @@ class Converter(ABC):
     def finish(self) -> ImageInfo:
         """The stream ended. Raises InvalidImage if it ended early or is inconsistent."""
 
+    def close(self) -> None:  # noqa: B027 (optional hook: most converters hold nothing)
+        """Releases what the converter holds (a spill file) when a transfer stops early.
+        Safe to call more than once."""
+
 
 class NullTarget:
     """A target that only checks sizes: for validating a stream stored elsewhere as is."""

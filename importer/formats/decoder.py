@@ -13,36 +13,32 @@ end, because a fixed VHD is a raw disk plus a 512-byte footer, visible only ther
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Converter, ImageInfo, Limits, RawTarget
+from importer.formats.iso import IsoConverter
+from importer.formats.qcow2 import Qcow2Converter
 from importer.formats.sniff import FORMATS, SNIFF_SIZE, WRAPPERS, sniff
 from importer.formats.unwrap import Stage, unwrapper
+from importer.formats.vdi import VdiConverter
+from importer.formats.vhd import VhdConverter, fixed_vhd_size
+from importer.formats.vhdx import VhdxConverter
+from importer.formats.vmdk import VmdkConverter
 
 # gzip inside tar inside xz is plausible; deeper nesting is not an image anyone ships.
 MAX_WRAPPERS: Final = 4
 FOOTER_SIZE: Final = 512
 
-# Converter class of each format, imported when a stream of that format shows up.
-CONVERTERS: Final = {
-    "qcow2": ("importer.formats.qcow2", "Qcow2Converter"),
-    "vmdk": ("importer.formats.vmdk", "VmdkConverter"),
-    "vdi": ("importer.formats.vdi", "VdiConverter"),
-    "vhd": ("importer.formats.vhd", "VhdConverter"),
-    "vhdx": ("importer.formats.vhdx", "VhdxConverter"),
-    "iso": ("importer.formats.iso", "IsoConverter"),
+# The converter of each format.
+CONVERTERS: Final[dict[str, type[Converter]]] = {
+    "qcow2": Qcow2Converter,
+    "vmdk": VmdkConverter,
+    "vdi": VdiConverter,
+    "vhd": VhdConverter,
+    "vhdx": VhdxConverter,
+    "iso": IsoConverter,
 }
-
-
-def converter_class(fmt: str) -> type[Converter]:
-    module_name, class_name = CONVERTERS[fmt]
-    try:
-        module = importlib.import_module(module_name)
-        return getattr(module, class_name)
-    except (ImportError, AttributeError) as exc:
-        raise UnsupportedFormat(f"{fmt} images are not supported by this server") from exc
 
 
 class ImageDecoder(Converter):
@@ -113,7 +109,7 @@ class ImageDecoder(Converter):
         self.detected = kind
         if kind == "raw":
             return _RawStage(self, probe_footer=True)
-        return _ConverterStage(self, converter_class(kind)(self.target, self.limits))
+        return _ConverterStage(self, CONVERTERS[kind](self.target, self.limits))
 
 
 class _Probe:
@@ -215,7 +211,7 @@ class _RawStage:
         if len(tail) == FOOTER_SIZE:
             if _is_dmg_trailer(tail):
                 raise UnsupportedFormat("Apple disk images (DMG) are not supported")
-            size = _fixed_vhd_size(tail)
+            size = fixed_vhd_size(tail)
             if size is not None:
                 if size > self.offset:
                     raise InvalidImage(
@@ -230,14 +226,6 @@ class _RawStage:
 
     def close(self) -> None:
         self.tail = bytearray()
-
-
-def _fixed_vhd_size(footer: bytes) -> int | None:
-    try:
-        from importer.formats.vhd import fixed_vhd_size
-    except ImportError:
-        return None
-    return fixed_vhd_size(footer)
 
 
 def _is_dmg_trailer(tail: bytes) -> bool:

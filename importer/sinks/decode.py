@@ -20,6 +20,9 @@ class DecodeLane:
     def finish(self) -> None:
         self.info = self.decoder.finish()
 
+    def close(self) -> None:
+        self.decoder.close()
+
     def image_info(self) -> ImageInfo:
         if self.info is None:
             raise RuntimeError("the image is not complete yet")

@@ -7,6 +7,7 @@ never sees a partial image, and a refused stream leaves no tag behind.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Protocol
 
 from importer.formats.base import Converter, ImageInfo
@@ -89,4 +90,5 @@ class DvcrSink:
         result.written_bytes = self.layer.length
 
     async def abort(self) -> None:
+        await asyncio.to_thread(self.decode.close)
         await self.upload.cancel()

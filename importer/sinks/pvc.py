@@ -255,4 +255,5 @@ class PvcSink:
         result.written_bytes = self.target.written
 
     async def abort(self) -> None:
+        await asyncio.to_thread(self.decode.close)
         await asyncio.to_thread(self.target.abort)
