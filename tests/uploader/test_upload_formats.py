@@ -30,6 +30,15 @@ def qemu_convert(base: Path, fmt: str, out: Path, *options: str) -> Path:
     return out
 
 
+def virtual_size(image: Path, fmt: str) -> int:
+    info = subprocess.run(
+        ["qemu-img", "info", "-f", fmt, "--output=json", str(image)],
+        check=True,
+        capture_output=True,
+    ).stdout
+    return json.loads(info)["virtual-size"]
+
+
 def identical(raw: Path, image: Path, fmt: str) -> bool:
     done = subprocess.run(
         ["qemu-img", "compare", "-f", "raw", "-F", fmt, str(raw), str(image)],
@@ -62,6 +71,7 @@ def test_formats_are_converted_for_pvc(
     assert status["format"] == {"vpc": "vhd"}.get(fmt, fmt)
     disk = server.claim_dir(name) / "disk.img"
     assert disk.stat().st_size == int(status["size"]["unpackedBytes"])
+    assert disk.stat().st_size == virtual_size(image, fmt)
     assert identical(disk, image, fmt)
     assert int(status["size"]["storedBytes"]) < disk.stat().st_size  # holes stayed holes
 
@@ -158,3 +168,37 @@ def test_image_over_the_size_limit(tmp_path: Path, base_raw: Path) -> None:
         assert srv.get("toobig")["status"]["conditions"][0]["reason"] == "ImageTooLarge"
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def small_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("small") / "base.raw"
+    write_disk_image(path, 12 * MiB, seed=72)
+    return path
+
+
+WRAPPERS = {
+    "gz": ["gzip", "-1", "-c"],
+    "xz": ["xz", "-0", "-T1", "-c"],
+    "zst": ["zstd", "-1", "-q", "-c"],
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vhdx", "vdi", "raw"])
+def test_compressed_images_for_pvc(
+    server: Server, small_raw: Path, tmp_path: Path, fmt: str, wrapper: str
+) -> None:
+    image = qemu_convert(small_raw, fmt, tmp_path / f"disk.{fmt}")
+    packed = tmp_path / f"disk.{fmt}.{wrapper}"
+    with open(packed, "wb") as out:
+        subprocess.run([*WRAPPERS[wrapper], str(image)], stdout=out, check=True)
+    name = f"{fmt}-{wrapper}"
+    server.create(manifest(name))
+    code, body = curl("-T", str(packed), server.upload_url(name))
+    assert code == 200, body
+    status = server.get(name)["status"]
+    assert status["format"] == {"vpc": "vhd"}.get(fmt, fmt)
+    assert status["size"]["unpackedBytes"] == str(virtual_size(image, fmt))
+    assert status["checksum"]["sha256"] == hashlib.sha256(packed.read_bytes()).hexdigest()
+    assert identical(server.claim_dir(name) / "disk.img", image, fmt)
