@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import lzma
 import os
 import subprocess
 import time
@@ -141,3 +143,91 @@ def test_eight_pushes_at_once(dvcr_server: Server, registry: Registry, tmp_path:
             f"docker://{obj['status']['target']['registryURL']}", out, "--src-tls-verify=false"
         )
         check_image(out, copied, sha256)
+
+
+@pytest.fixture(scope="module")
+def format_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("formats")
+    base = root / "base.raw"
+    write_disk_image(base, 16 * MiB, seed=91)
+    qcow2 = root / "disk.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(base), str(qcow2)], check=True
+    )
+    packed = root / "disk.qcow2.xz"
+    packed.write_bytes(lzma.compress(qcow2.read_bytes(), preset=0))
+    content = root / "content"
+    content.mkdir()
+    (content / "README").write_text("installer\n")
+    iso = root / "installer.iso"
+    subprocess.run(
+        ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(iso), str(content)],
+        check=True,
+        capture_output=True,
+    )
+    return {"raw": base, "qcow2": qcow2, "qcow2.xz": packed, "iso": iso}
+
+
+@pytest.mark.parametrize(
+    ("kind", "fmt", "virtual"),
+    [
+        ("raw", "raw", 16 * MiB),
+        ("qcow2", "qcow2", 16 * MiB),
+        ("qcow2.xz", "qcow2", 16 * MiB),
+        ("iso", "iso", None),
+    ],
+)
+def test_formats_into_the_registry(
+    dvcr_server: Server,
+    format_images: dict[str, Path],
+    tmp_path: Path,
+    kind: str,
+    fmt: str,
+    virtual: int | None,
+) -> None:
+    image = format_images[kind]
+    name = "img-" + kind.replace(".", "-")
+    dvcr_server.create(manifest(name, storage="ContainerRegistry"))
+    code, body = curl("-T", str(image), dvcr_server.upload_url(name))
+    assert code == 200, body
+    obj = dvcr_server.get(name)
+    out = tmp_path / "copy"
+    ref = obj["status"]["target"]["registryURL"]
+    copied = skopeo_copy(f"docker://{ref}", out, "--src-tls-verify=false")
+    labels = check_image(out, copied, hashlib.sha256(image.read_bytes()).hexdigest())
+    assert labels["source-image-format"] == fmt
+    assert labels["source-image-size"] == str(image.stat().st_size)
+    assert labels["source-image-virtual-size"] == str(virtual or image.stat().st_size)
+    assert obj["status"]["cdrom"] is (fmt == "iso")
+
+
+def test_registry_with_htpasswd(tmp_path: Path) -> None:
+    line = subprocess.run(
+        ["htpasswd", "-Bbn", "alice", "wonderland"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text(line + "\n")
+    registry = Registry(tmp_path / "registry", htpasswd=htpasswd).start()
+    auth = tmp_path / "config.json"
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(3 * MiB))
+    try:
+        for password, expect in (("wonderland", 200), ("guess", 502)):
+            token = base64.b64encode(f"alice:{password}".encode()).decode()
+            auth.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
+            srv = Server(
+                tmp_path / f"data-{password}",
+                "--dvcr", registry.host, "--dvcr-auth-config", str(auth),
+            ).start()  # fmt: skip
+            try:
+                srv.create(manifest("private", storage="ContainerRegistry"))
+                code, body = curl("-T", str(image), srv.upload_url("private"))
+                assert code == expect, body
+                if expect != 200:
+                    status = srv.get("private")["status"]
+                    assert status["phase"] == "Failed"
+                    assert "401" in status["conditions"][0]["message"]
+            finally:
+                srv.stop()
+    finally:
+        registry.stop()
