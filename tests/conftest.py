@@ -10,6 +10,7 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from nginxproc import Nginx
 from serverproc import Server
 
 # CI runs the fuzz tests with a fixed seed so a landing never hangs on luck; local runs
@@ -22,6 +23,15 @@ if os.environ.get("CI"):
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     srv = Server(tmp_path / "data").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def nginx(tmp_path: Path) -> Iterator[Nginx]:
+    srv = Nginx(tmp_path / "nginx").start()
     try:
         yield srv
     finally:

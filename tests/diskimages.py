@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 from pathlib import Path
 
 MiB = 1 << 20
@@ -46,3 +47,27 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(4 * MiB):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def qemu_convert(base: Path, fmt: str, out: Path, *options: str) -> Path:
+    """`qemu-img convert` of a raw image to FMT (always with -f, never probing)."""
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, str(base), str(out)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def make_iso(directory: Path) -> Path:
+    """A small ISO 9660 image made by xorriso."""
+    content = directory / "iso-content"
+    content.mkdir()
+    (content / "README").write_text("installer\n")
+    iso = directory / "installer.iso"
+    subprocess.run(
+        ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(iso), str(content)],
+        check=True,
+        capture_output=True,
+    )
+    return iso

@@ -167,3 +167,13 @@ def curl(*args: str, stdin: bytes | None = None) -> tuple[int, dict]:
     ).stdout.decode()
     body, _, code = out.rpartition("\n")
     return int(code), json.loads(body) if body.strip() else {}
+
+
+def background_upload(path: Path, url: str, rate: str | None = None) -> subprocess.Popen[bytes]:
+    """`curl -T` in the background, optionally slowed to `rate` (curl's --limit-rate);
+    its stdout is the HTTP code once it ends."""
+    limit = ["--limit-rate", rate] if rate else []
+    return subprocess.Popen(
+        ["curl", "-sS", *limit, "-o", "/dev/null", "-w", "%{http_code}", "-T", str(path), url],
+        stdout=subprocess.PIPE,
+    )

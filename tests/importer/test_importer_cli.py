@@ -9,22 +9,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from diskimages import MiB, sha256_file, write_disk_image
 from nginxproc import Nginx
 from serverproc import free_port
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    srv = Nginx(tmp_path / "nginx").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def run_importer(env: dict[str, str], tmp_path: Path) -> tuple[int, dict]:

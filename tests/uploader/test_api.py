@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from diskimages import MiB
-from serverproc import API, Server, manifest
+from serverproc import API, Server, background_upload, manifest
 
 
 def put_file(url: str, path: Path) -> int:
@@ -203,22 +203,7 @@ def test_delete_during_upload_cancels_it(server: Server, tmp_path: Path) -> None
     url = server.upload_url("midway")
     image = tmp_path / "disk.raw"
     image.write_bytes(os.urandom(32 * MiB))
-    proc = subprocess.Popen(
-        [
-            "curl",
-            "-sS",
-            "--limit-rate",
-            "4M",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-T",
-            str(image),
-            url,
-        ],
-        stdout=subprocess.PIPE,
-    )
+    proc = background_upload(image, url, "4M")
     server.wait_phase("midway", ("Provisioning",))
     assert server.call("DELETE", server.images_path(name="midway"))[0] == 200
     out, _ = proc.communicate(timeout=60)

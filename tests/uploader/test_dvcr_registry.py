@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from diskimages import MiB, write_disk_image
+from diskimages import MiB, make_iso, qemu_convert, write_disk_image
 from dvcrimage import check_image, skopeo_copy
 from registryproc import Registry
-from serverproc import Server, curl, manifest
+from serverproc import Server, background_upload, curl, manifest
 
 
 @pytest.fixture
@@ -93,22 +93,7 @@ def test_registry_stopped_mid_push(dvcr_server: Server, registry: Registry, tmp_
     image.write_bytes(os.urandom(64 * MiB))
     dvcr_server.create(manifest("cut", storage="ContainerRegistry"))
     url = dvcr_server.upload_url("cut")
-    proc = subprocess.Popen(
-        [
-            "curl",
-            "-sS",
-            "--limit-rate",
-            "8M",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-T",
-            str(image),
-            url,
-        ],
-        stdout=subprocess.PIPE,
-    )
+    proc = background_upload(image, url, "8M")
     dvcr_server.wait_phase("cut", ("Provisioning",))
     time.sleep(1)
     registry.kill()
@@ -128,13 +113,7 @@ def test_eight_pushes_at_once(dvcr_server: Server, registry: Registry, tmp_path:
         sha256, _ = write_disk_image(path, (8 + i) * MiB, seed=60 + i)
         dvcr_server.create(manifest(f"many-{i}", storage="ContainerRegistry"))
         images.append((path, sha256, dvcr_server.upload_url(f"many-{i}")))
-    procs = [
-        subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(p), url],
-            stdout=subprocess.PIPE,
-        )
-        for p, _, url in images
-    ]
+    procs = [background_upload(p, url) for p, _, url in images]
     assert [p.communicate(timeout=300)[0] for p in procs] == [b"200"] * 8
     for i, (_, sha256, _) in enumerate(images):
         obj = dvcr_server.get(f"many-{i}")
@@ -150,21 +129,10 @@ def format_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("formats")
     base = root / "base.raw"
     write_disk_image(base, 16 * MiB, seed=91)
-    qcow2 = root / "disk.qcow2"
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(base), str(qcow2)], check=True
-    )
+    qcow2 = qemu_convert(base, "qcow2", root / "disk.qcow2")
     packed = root / "disk.qcow2.xz"
     packed.write_bytes(lzma.compress(qcow2.read_bytes(), preset=0))
-    content = root / "content"
-    content.mkdir()
-    (content / "README").write_text("installer\n")
-    iso = root / "installer.iso"
-    subprocess.run(
-        ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(iso), str(content)],
-        check=True,
-        capture_output=True,
-    )
+    iso = make_iso(root)
     return {"raw": base, "qcow2": qcow2, "qcow2.xz": packed, "iso": iso}
 
 

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from diskimages import MiB, sha256_file, write_disk_image
 from nginxproc import Nginx
 from serverproc import Server
-
-
-@pytest.fixture
-def nginx(tmp_path: Path) -> Iterator[Nginx]:
-    srv = Nginx(tmp_path / "nginx").start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def http_manifest(name: str, url: str, **http: Any) -> dict[str, Any]:

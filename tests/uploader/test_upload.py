@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from diskimages import MiB, sha256_file, write_disk_image
-from serverproc import Server, curl, manifest
+from serverproc import Server, background_upload, curl, manifest
 
 
 def allocated(path: Path) -> int:
@@ -167,22 +167,7 @@ def test_two_requests_at_once_for_one_image(server: Server, tmp_path: Path) -> N
     sha256, _ = write_disk_image(image, 16 * MiB, seed=5)
     server.create(manifest("busy"))
     url = server.upload_url("busy")
-    slow = subprocess.Popen(
-        [
-            "curl",
-            "-sS",
-            "--limit-rate",
-            "4M",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-T",
-            str(image),
-            url,
-        ],
-        stdout=subprocess.PIPE,
-    )
+    slow = background_upload(image, url, "4M")
     server.wait_phase("busy", ("Provisioning",))
 
     code, body = curl("-T", str(image), url)
@@ -232,13 +217,7 @@ def test_eight_uploads_at_once(server: Server, tmp_path: Path) -> None:
         sha256, _ = write_disk_image(path, (20 + i) * MiB, seed=10 + i)
         server.create(manifest(f"many-{i}"))
         images.append((path, sha256, server.upload_url(f"many-{i}")))
-    procs = [
-        subprocess.Popen(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(p), url],
-            stdout=subprocess.PIPE,
-        )
-        for p, _, url in images
-    ]
+    procs = [background_upload(p, url) for p, _, url in images]
     codes = [proc.communicate(timeout=300)[0] for proc in procs]
     assert codes == [b"200"] * 8
     for i, (_, sha256, _) in enumerate(images):

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from diskimages import MiB, write_disk_image
+from diskimages import MiB, make_iso, qemu_convert, write_disk_image
 from dvcrimage import check_image, skopeo_copy
 from serverproc import Server, curl, manifest
 
@@ -19,15 +19,6 @@ def base_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("images") / "base.raw"
     write_disk_image(path, 48 * MiB, seed=71)
     return path
-
-
-def qemu_convert(base: Path, fmt: str, out: Path, *options: str) -> Path:
-    subprocess.run(
-        ["qemu-img", "convert", "-f", "raw", "-O", fmt, *options, str(base), str(out)],
-        check=True,
-        capture_output=True,
-    )
-    return out
 
 
 def virtual_size(image: Path, fmt: str) -> int:
@@ -89,15 +80,7 @@ def test_xz_compressed_qcow2_for_pvc(server: Server, base_raw: Path, tmp_path: P
 
 
 def test_iso_is_a_cdrom(server: Server, tmp_path: Path) -> None:
-    content = tmp_path / "content"
-    content.mkdir()
-    (content / "README").write_text("installer\n")
-    iso = tmp_path / "installer.iso"
-    subprocess.run(
-        ["xorriso", "-as", "mkisofs", "-quiet", "-o", str(iso), str(content)],
-        check=True,
-        capture_output=True,
-    )
+    iso = make_iso(tmp_path)
     server.create(manifest("installer"))
     assert curl("-T", str(iso), server.upload_url("installer"))[0] == 200
     status = server.get("installer")["status"]
