@@ -404,7 +404,7 @@ class ImageController:
             last = shown
             status["progress"] = transfer.progress.percent()
             status["downloadSpeed"] = transfer.progress.speed_status()
-            self.store.save(obj)
+            self.store.save(obj, durable=False)
 
     def _after_success(self, transfer: ActiveTransfer, result: TransferResult) -> Object:
         obj = self._current(transfer)

@@ -110,13 +110,22 @@ class Store:
     def version(self) -> int:
         return self._version
 
-    def save(self, obj: Object) -> Object:
-        """Stores a new or changed object, bumps its resourceVersion, tells the watchers."""
+    def save(self, obj: Object, durable: bool = True) -> Object:
+        """Stores a new or changed object, bumps its resourceVersion, tells the watchers.
+        `durable=False` keeps the change in memory only: for progress, which a restart
+        resets anyway, so a transfer never waits for an fsync of the database."""
         key = key_of(obj)
         event_type = "MODIFIED" if key in self._objects else "ADDED"
         self._version += 1
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = str(self._version)
+        if durable:
+            self._persist(key, obj)
+        self._objects[key] = obj
+        self._notify(Event(event_type, obj))
+        return copy.deepcopy(obj)
+
+    def _persist(self, key: ImageKey, obj: Object) -> None:
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO objects (kind, namespace, name, body) VALUES (?,?,?,?)",
@@ -126,9 +135,6 @@ class Store:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('resourceVersion', ?)",
                 (str(self._version),),
             )
-        self._objects[key] = obj
-        self._notify(Event(event_type, obj))
-        return copy.deepcopy(obj)
 
     def set_received(self, key: ImageKey, count: int) -> None:
         """Bytes taken from the sender for the image (kept out of the object itself)."""
