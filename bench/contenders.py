@@ -1,0 +1,140 @@
+"""The two sides of a comparison. Each run is prepared, timed and cleaned up by its
+contender; only the transfer itself is timed, and every run ends with its target deleted
+and the disk synced, so the next run starts from the same state."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from bench.curl import CurlFailed, put_file
+from bench.nginx import Nginx
+from bench.ours import OurServer
+from bench.procstat import CpuUse, Sampler
+from bench.workdir import SourceFile, fsync_path, settle
+
+OURS = "ours"
+NGINX_PUT = "nginx PUT"
+NGINX_PUT_FSYNC = "nginx PUT+fsync"
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class Sample:
+    """One run: seconds per series (a contender may report more than one figure)."""
+
+    seconds: dict[str, float]
+    nbytes: int
+    cpu: CpuUse | None = None
+    peak_rss_kib: int = 0  # the most VmRSS seen while sampling the run
+
+
+class Contender(Protocol):
+    name: str
+    series: tuple[str, ...]
+
+    def run(self, tag: str) -> Sample: ...
+
+
+def _dns_name(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
+
+
+class OurUpload:
+    """`curl -T` into a new PVC image of our server; the answer comes once it is fsynced.
+    A labelled instance is another version of the server (a candidate) in the same run."""
+
+    def __init__(
+        self,
+        server: OurServer,
+        source: SourceFile,
+        prefix: str,
+        algorithms: tuple[str, ...],
+        label: str = "",
+    ) -> None:
+        self.server = server
+        self.source = source
+        self.prefix = f"{prefix}-{label}" if label else prefix
+        self.algorithms = algorithms
+        self.label = label
+        self.name = f"{OURS}[{label}]" if label else OURS
+        self.series = (self.name,)
+        self.response = server.data_dir.parent / f"{self.prefix}-response.json"
+
+    def run(self, tag: str) -> Sample:
+        name = _dns_name(f"bench-{self.prefix}-{tag}")
+        url = self.server.create_upload(name)
+        try:
+            with Sampler(self.server.pid) as sampler:
+                result = put_file(self.source.path, url, self.response)
+            self._check(result.code, result.body)
+        finally:
+            self.server.delete(name)
+            settle()
+        return Sample(
+            {self.name: result.seconds}, self.source.size, sampler.cpu(), sampler.peak_rss_kib
+        )
+
+    def _check(self, code: int, body: bytes) -> None:
+        if code != 200:
+            raise RunFailed(f"our server answered {code}: {body[:500]!r}")
+        answer = json.loads(body)
+        want = {"sha256": self.source.sha256, "md5": self.source.md5}
+        for algorithm in self.algorithms:
+            got = (answer.get("checksum") or {}).get(algorithm)
+            if got != want[algorithm]:
+                raise RunFailed(f"our server reports {algorithm} {got}, the file has {want}")
+        if answer.get("phase") != "Ready":
+            raise RunFailed(f"the image is not Ready after the upload: {answer}")
+
+
+class NginxPut:
+    """WebDAV PUT to nginx. nginx answers before the data is on disk, so the run reports
+    two figures: until the answer, and until the file is fsynced right after it."""
+
+    name = "nginx"
+    series = (NGINX_PUT, NGINX_PUT_FSYNC)
+
+    def __init__(self, nginx: Nginx, source: SourceFile) -> None:
+        self.nginx = nginx
+        self.source = source
+        self.response = nginx.prefix / "response.txt"
+
+    def run(self, tag: str) -> Sample:
+        url, path = self.nginx.target(f"{tag}/disk.img")
+        try:
+            with Sampler(self.nginx.worker_pid()) as sampler:
+                result = put_file(self.source.path, url, self.response)
+                started = time.perf_counter()
+                if result.code in (201, 204):
+                    fsync_path(path)
+                fsync = time.perf_counter() - started
+            if result.code not in (201, 204):
+                raise RunFailed(f"nginx answered {result.code}: {result.body[:500]!r}")
+            size = path.stat().st_size
+            if size != self.source.size:
+                raise RunFailed(f"nginx stored {size} bytes of {self.source.size}")
+        except CurlFailed as exc:
+            raise RunFailed(str(exc)) from None
+        finally:
+            path.unlink(missing_ok=True)
+            _remove_empty(path.parent, self.nginx.root)
+            settle()
+        seconds = {NGINX_PUT: result.seconds, NGINX_PUT_FSYNC: result.seconds + fsync}
+        return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
+
+
+def _remove_empty(directory: Path, stop: Path) -> None:
+    while directory != stop and stop in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent

@@ -1,0 +1,162 @@
+"""Our server, `dvcr-uploader serve`, as a child process, and the API calls an upload needs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from bench.process import ChildProcess, free_port
+from bench.procstat import status_kib
+
+API = "/apis/virtualization.deckhouse.io/v1alpha2"
+# Variables that change how the server stores data; a run sets them only on purpose.
+_FAULT_ENV = ("DVCR_FAULT_SINK_BYTES_PER_SEC",)
+
+
+class ApiFailed(RuntimeError):
+    pass
+
+
+def pvc_manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "virtualization.deckhouse.io/v1alpha2",
+        "kind": "VirtualImage",
+        "metadata": {"name": name},
+        "spec": {"storage": "PersistentVolumeClaim", "dataSource": {"type": "Upload"}},
+    }
+
+
+class OurServer:
+    def __init__(
+        self,
+        data_dir: Path,
+        flags: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+        namespace: str = "default",
+    ) -> None:
+        self.data_dir = data_dir
+        self.flags = flags
+        self.namespace = namespace
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        base_env = {k: v for k, v in os.environ.items() if k not in _FAULT_ENV}
+        self.env = {**base_env, **(env or {})}
+        self.process: ChildProcess | None = None
+
+    @property
+    def pid(self) -> int:
+        if self.process is None:
+            raise RuntimeError("our server is not running")
+        return self.process.pid
+
+    def start(self) -> OurServer:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable,
+            "-m",
+            "uploader.cli",
+            "serve",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--data-dir",
+            str(self.data_dir),
+            *self.flags,
+        ]
+        log = self.data_dir.parent / f"{self.data_dir.name}.log"
+        # Not started in the checkout: `-m` would put the current directory first on the
+        # path, and the server's code must come from where PYTHONPATH or the install says.
+        self.process = ChildProcess(
+            "dvcr-uploader serve", argv, log, env=self.env, cwd=self.data_dir
+        )
+        self.process.start(self._healthy)
+        return self
+
+    def code_location(self) -> str:
+        """Where the server's code is imported from, with the same environment."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", "import uploader; print(uploader.__file__)"],
+            env=self.env,
+            cwd=self.data_dir,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        path = Path(proc.stdout.strip())
+        return str(path.parent.parent) if proc.returncode == 0 else "?"
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def __enter__(self) -> OurServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def peak_rss_kib(self) -> int | None:
+        """VmHWM: the most memory the server has held since it started."""
+        return status_kib(self.pid, "VmHWM")
+
+    # -- API ----------------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                raw = response.read()
+                return response.status, json.loads(raw) if raw.strip() else None
+        except urllib.error.HTTPError as exc:
+            raw = exc.read()
+            return exc.code, json.loads(raw) if raw.strip() else None
+
+    def _images(self, name: str | None = None) -> str:
+        path = f"{API}/namespaces/{self.namespace}/virtualimages"
+        return f"{path}/{name}" if name else path
+
+    def create_upload(self, name: str, timeout: float = 30) -> str:
+        """Creates a PVC image fed by upload; returns its external upload URL."""
+        code, obj = self._call("POST", self._images(), pvc_manifest(name))
+        if code != 201:
+            raise ApiFailed(f"creating {name}: {code} {obj}")
+        deadline = time.monotonic() + timeout
+        while True:
+            url = (obj.get("status") or {}).get("imageUploadURLs", {}).get("external")
+            if url and obj["status"].get("phase") == "WaitForUserUpload":
+                return str(url)
+            if time.monotonic() > deadline:
+                raise ApiFailed(f"{name} did not wait for an upload: {obj.get('status')}")
+            time.sleep(0.02)
+            code, obj = self._call("GET", self._images(name))
+
+    def delete(self, name: str) -> None:
+        """Deletes the image and its data (the server removes the claim directory)."""
+        code, obj = self._call("DELETE", self._images(name))
+        if code not in (200, 404):
+            raise ApiFailed(f"deleting {name}: {code} {obj}")
+        claim = self.claim_dir(name)
+        if claim.exists():
+            shutil.rmtree(claim)
+
+    def claim_dir(self, name: str) -> Path:
+        return self.data_dir / "pvc" / self.namespace / f"vi-{name}"
