@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -15,11 +18,14 @@ from bench.curl import CurlFailed, put_file
 from bench.nginx import Nginx
 from bench.ours import OurServer
 from bench.procstat import CpuUse, Sampler
+from bench.registry import Registry
 from bench.workdir import SourceFile, fsync_path, settle
 
 OURS = "ours"
 NGINX_PUT = "nginx PUT"
 NGINX_PUT_FSYNC = "nginx PUT+fsync"
+NGINX_PUT_CONVERT = "nginx PUT + qemu-img convert"
+REGISTRY_PATCH = "curl PATCH to registry"
 
 
 class RunFailed(RuntimeError):
@@ -39,6 +45,7 @@ class Sample:
 class Contender(Protocol):
     name: str
     series: tuple[str, ...]
+    source: SourceFile  # what it sends; read into the page cache before each run
 
     def run(self, tag: str) -> Sample: ...
 
@@ -58,7 +65,9 @@ class OurUpload:
         prefix: str,
         algorithms: tuple[str, ...],
         label: str = "",
+        storage: str = "PersistentVolumeClaim",
     ) -> None:
+        self.storage = storage
         self.server = server
         self.source = source
         self.prefix = f"{prefix}-{label}" if label else prefix
@@ -70,7 +79,7 @@ class OurUpload:
 
     def run(self, tag: str) -> Sample:
         name = _dns_name(f"bench-{self.prefix}-{tag}")
-        url = self.server.create_upload(name)
+        url = self.server.create_upload(name, self.storage)
         try:
             with Sampler(self.server.pid) as sampler:
                 result = put_file(self.source.path, url, self.response)
@@ -138,3 +147,89 @@ def _remove_empty(directory: Path, stop: Path) -> None:
         except OSError:
             return
         directory = directory.parent
+
+
+class NginxPutConvert:
+    """What a scratch-space importer does: nginx stores the upload, then `qemu-img convert`
+    writes the raw disk, which is fsynced (as our server's is before it answers)."""
+
+    name = "nginx+convert"
+    series = (NGINX_PUT_CONVERT,)
+
+    def __init__(self, nginx: Nginx, source: SourceFile, fmt: str, target_dir: Path) -> None:
+        self.nginx = nginx
+        self.source = source
+        self.fmt = fmt
+        self.target_dir = target_dir
+        self.response = nginx.prefix / "response.txt"
+
+    def run(self, tag: str) -> Sample:
+        url, path = self.nginx.target(f"{tag}/disk.{self.fmt}")
+        raw = self.target_dir / f"{tag}.raw"
+        try:
+            with Sampler(self.nginx.worker_pid()) as sampler:
+                result = put_file(self.source.path, url, self.response)
+                if result.code not in (201, 204):
+                    raise RunFailed(f"nginx answered {result.code}: {result.body[:500]!r}")
+                started = time.perf_counter()
+                convert = ["qemu-img", "convert", "-f", self.fmt, "-O", "raw", str(path), str(raw)]
+                subprocess.run(convert, check=True, capture_output=True)
+                fsync_path(raw)
+                converted = time.perf_counter() - started
+        except (CurlFailed, subprocess.CalledProcessError) as exc:
+            raise RunFailed(str(exc)) from None
+        finally:
+            path.unlink(missing_ok=True)
+            raw.unlink(missing_ok=True)
+            _remove_empty(path.parent, self.nginx.root)
+            settle()
+        seconds = {NGINX_PUT_CONVERT: result.seconds + converted}
+        return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
+
+
+class RegistryPatch:
+    """The registry's fastest path, driven by curl: open an upload session, stream the
+    file in one PATCH, close it with `PUT ?digest=`. The same bytes our server sends
+    inside its layer, so both sides are bounded by the registry's own hashing."""
+
+    name = "registry"
+    series = (REGISTRY_PATCH,)
+
+    def __init__(self, registry: Registry, source: SourceFile) -> None:
+        self.registry = registry
+        self.source = source
+
+    def run(self, tag: str) -> Sample:
+        repo = f"bench/{_dns_name(tag)}"
+        started = time.perf_counter()
+        with Sampler(self.registry.pid) as sampler:
+            request = urllib.request.Request(
+                f"{self.registry.url}/v2/{repo}/blobs/uploads/", method="POST"
+            )
+            with urllib.request.urlopen(request) as response:
+                location = urllib.parse.urljoin(self.registry.url, response.headers["Location"])
+            patch = subprocess.run(
+                [
+                    "curl", "-sS", "-X", "PATCH", "-D", "-", "-o", "/dev/null",
+                    "-H", "Content-Type: application/octet-stream",
+                    "-T", str(self.source.path), location,
+                ],
+                capture_output=True, check=True, text=True,
+            )  # fmt: skip
+            headers = dict(
+                line.split(": ", 1) for line in patch.stdout.splitlines()[1:] if ": " in line
+            )
+            location = urllib.parse.urljoin(
+                self.registry.url, headers.get("Location") or headers["location"]
+            )
+            separator = "&" if "?" in location else "?"
+            digest = f"sha256:{self.source.sha256}"
+            put = urllib.request.Request(f"{location}{separator}digest={digest}", method="PUT")
+            with urllib.request.urlopen(put) as response:
+                if response.status != 201:
+                    raise RunFailed(f"the registry answered {response.status} to the PUT")
+        seconds = time.perf_counter() - started
+        settle()
+        return Sample(
+            {REGISTRY_PATCH: seconds}, self.source.size, sampler.cpu(), sampler.peak_rss_kib
+        )

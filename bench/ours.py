@@ -25,12 +25,12 @@ class ApiFailed(RuntimeError):
     pass
 
 
-def pvc_manifest(name: str) -> dict[str, Any]:
+def upload_manifest(name: str, storage: str = "PersistentVolumeClaim") -> dict[str, Any]:
     return {
         "apiVersion": "virtualization.deckhouse.io/v1alpha2",
         "kind": "VirtualImage",
         "metadata": {"name": name},
-        "spec": {"storage": "PersistentVolumeClaim", "dataSource": {"type": "Upload"}},
+        "spec": {"storage": storage, "dataSource": {"type": "Upload"}},
     }
 
 
@@ -134,9 +134,11 @@ class OurServer:
         path = f"{API}/namespaces/{self.namespace}/virtualimages"
         return f"{path}/{name}" if name else path
 
-    def create_upload(self, name: str, timeout: float = 30) -> str:
-        """Creates a PVC image fed by upload; returns its external upload URL."""
-        code, obj = self._call("POST", self._images(), pvc_manifest(name))
+    def create_upload(
+        self, name: str, storage: str = "PersistentVolumeClaim", timeout: float = 30
+    ) -> str:
+        """Creates an image fed by upload; returns its external upload URL."""
+        code, obj = self._call("POST", self._images(), upload_manifest(name, storage))
         if code != 201:
             raise ApiFailed(f"creating {name}: {code} {obj}")
         deadline = time.monotonic() + timeout

@@ -61,12 +61,12 @@ def run_scenario(
         ]
         for i in range(warmup):
             for contender in contenders:
-                read_through(ctx.source.path)
+                read_through(contender.source.path)
                 sample = contender.run(f"warmup{i + 1}")
                 log(f"{scenario.name} warm-up {i + 1}: {_figures(sample)}")
         for i in range(rounds):
             for contender in contenders:
-                read_through(ctx.source.path)
+                read_through(contender.source.path)
                 sample = contender.run(f"r{i + 1}")
                 result.add(contender, sample)
                 log(f"{scenario.name} round {i + 1}/{rounds}: {_figures(sample)}")

@@ -7,15 +7,27 @@ baseline figure each table row sets ours against, and the target ratio, if any.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.contenders import NGINX_PUT, NGINX_PUT_FSYNC, Contender, NginxPut, OurUpload
+from bench.contenders import (
+    NGINX_PUT,
+    NGINX_PUT_CONVERT,
+    NGINX_PUT_FSYNC,
+    REGISTRY_PATCH,
+    Contender,
+    NginxPut,
+    NginxPutConvert,
+    OurUpload,
+    RegistryPatch,
+)
 from bench.nginx import Nginx
 from bench.ours import OurServer
-from bench.workdir import SourceFile
+from bench.registry import Registry
+from bench.workdir import SourceFile, hashed_file
 
 
 @dataclass(frozen=True)
@@ -42,14 +54,21 @@ class Scenario:
 
 
 def our_uploads(
-    ctx: Context, stack: ExitStack, name: str, flags: tuple[str, ...], algorithms: tuple[str, ...]
+    ctx: Context,
+    stack: ExitStack,
+    name: str,
+    flags: tuple[str, ...],
+    algorithms: tuple[str, ...],
+    source: SourceFile | None = None,
+    storage: str = "PersistentVolumeClaim",
 ) -> list[OurUpload]:
     """Our server, and each candidate version, started with `flags`; ours first."""
     uploads: list[OurUpload] = []
     for label, env in {"": ctx.ours_env, **ctx.candidates}.items():
         data_dir = ctx.workdir / (f"ours-{name}-{label}" if label else f"ours-{name}")
         server = stack.enter_context(OurServer(data_dir, flags, env))
-        uploads.append(OurUpload(server, ctx.source, name, algorithms, label))
+        sent = source or ctx.source
+        uploads.append(OurUpload(server, sent, name, algorithms, label, storage))
     return uploads
 
 
@@ -64,6 +83,42 @@ def _raw_upload_vs_nginx(
         return ours, [NginxPut(nginx, ctx.source)]
 
     return open_
+
+
+def _qcow2_of(ctx: Context) -> SourceFile:
+    """The random data as a qcow2 of twice its size: half of the disk is unallocated."""
+    path = ctx.workdir / "source.qcow2"
+    if not path.exists():
+        raw = str(ctx.source.path)
+        subprocess.run(
+            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, str(path)], check=True
+        )
+        subprocess.run(
+            ["qemu-img", "resize", "-f", "qcow2", str(path), str(2 * ctx.source.size)],
+            check=True,
+            capture_output=True,
+        )
+    return hashed_file(path)
+
+
+def _qcow2_upload_vs_convert(
+    ctx: Context, stack: ExitStack, name: str
+) -> tuple[list[OurUpload], list[Contender]]:
+    source = _qcow2_of(ctx)
+    nginx_dir = ctx.workdir / f"nginx-{name}"
+    nginx_dir.mkdir()
+    nginx = stack.enter_context(Nginx(nginx_dir))
+    ours = our_uploads(ctx, stack, name, (), ("sha256",), source)
+    return ours, [NginxPutConvert(nginx, source, "qcow2", ctx.workdir)]
+
+
+def _dvcr_upload_vs_registry_patch(
+    ctx: Context, stack: ExitStack, name: str
+) -> tuple[list[OurUpload], list[Contender]]:
+    registry = stack.enter_context(Registry(ctx.workdir / f"registry-{name}"))
+    flags = ("--dvcr", registry.url)
+    ours = our_uploads(ctx, stack, name, flags, ("sha256",), storage="ContainerRegistry")
+    return ours, [RegistryPatch(registry, ctx.source)]
 
 
 _VS_NGINX = "vs nginx WebDAV PUT of the same file to the same disk"
@@ -82,6 +137,21 @@ SCENARIOS: dict[str, Scenario] = {
             f"same, server started with --md5 (sha256 and md5); {_VS_NGINX}",
             (Comparison(NGINX_PUT, 0.85), Comparison(NGINX_PUT_FSYNC, None)),
             _raw_upload_vs_nginx(("--md5",), ("sha256", "md5")),
+        ),
+        Scenario(
+            "qcow2-pvc",
+            "qcow2 (the random data, in twice its size virtual), curl -T -> PVC raw, converted "
+            "on the way; vs nginx PUT, then qemu-img convert -O raw and fsync (a scratch copy)",
+            # time at most 0.6x theirs = throughput at least 1/0.6 of theirs
+            (Comparison(NGINX_PUT_CONVERT, round(1 / 0.6, 2)),),
+            _qcow2_upload_vs_convert,
+        ),
+        Scenario(
+            "raw-dvcr-registry",
+            "raw random file, curl -T -> DVCR in a local docker-registry (tar layer, config, "
+            "manifest, tag); vs curl streaming the same bytes in one PATCH to the registry",
+            (Comparison(REGISTRY_PATCH, 0.9),),
+            _dvcr_upload_vs_registry_patch,
         ),
     )
 }

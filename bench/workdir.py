@@ -109,3 +109,13 @@ def fsync_path(path: Path) -> None:
 def settle() -> None:
     """Between runs: everything written so far reaches the disk before the next run."""
     os.sync()
+
+
+def hashed_file(path: Path) -> SourceFile:
+    """A SourceFile for a file that already exists (an image made from the random data)."""
+    sha256, md5 = hashlib.sha256(), hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha256.update(chunk)
+            md5.update(chunk)
+    return SourceFile(path, path.stat().st_size, sha256.hexdigest(), md5.hexdigest())
