@@ -86,18 +86,16 @@ def _raw_upload_vs_nginx(
 
 
 def _qcow2_of(ctx: Context) -> SourceFile:
-    """The random data as a qcow2 of twice its size: half of the disk is unallocated."""
+    """The random data as a qcow2 of twice its size, laid out as qemu writes images:
+    tables first, then the data; half of the disk is unallocated."""
     path = ctx.workdir / "source.qcow2"
     if not path.exists():
+        size = str(2 * ctx.source.size)
+        create = ["qemu-img", "create", "-q", "-f", "qcow2", str(path), size]
+        subprocess.run(create, check=True)
         raw = str(ctx.source.path)
-        subprocess.run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, str(path)], check=True
-        )
-        subprocess.run(
-            ["qemu-img", "resize", "-f", "qcow2", str(path), str(2 * ctx.source.size)],
-            check=True,
-            capture_output=True,
-        )
+        convert = ["qemu-img", "convert", "-n", "-f", "raw", "-O", "qcow2", raw, str(path)]
+        subprocess.run(convert, check=True)
     return hashed_file(path)
 
 

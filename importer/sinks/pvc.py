@@ -44,9 +44,13 @@ _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ct
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Starts writing the range to disk now, so the final fsync has little left to do."""
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+WRITEBACK_EVERY = 16 << 20
+
+
+def start_writeback(fd: int) -> None:
+    """Starts writing the file's dirty pages to disk now (without waiting for them), so the
+    final fsync has little left to do."""
+    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def is_zero(view: memoryview) -> bool:
@@ -107,6 +111,7 @@ class FileClaimTarget:
         self.partial = directory / ".disk.img.partial"
         self.end = 0  # highest byte written + 1
         self.written = 0  # bytes that went to disk (holes excluded)
+        self._written_at_writeback = 0
         try:
             directory.mkdir(parents=True, exist_ok=True)
             flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
@@ -126,8 +131,10 @@ class FileClaimTarget:
                 self.written += len(run)
         except OSError as exc:
             _raise_os_error(exc, "writing the image")
-        start_writeback(self.fd, offset, len(data))
         self.end = max(self.end, end)
+        if self.written - self._written_at_writeback >= WRITEBACK_EVERY:
+            start_writeback(self.fd)
+            self._written_at_writeback = self.written
 
     def commit(self, virtual_size: int) -> None:
         """Exact size, durable, then visible as `disk.img`."""
