@@ -73,13 +73,13 @@ def our_uploads(
 
 
 def _raw_upload_vs_nginx(
-    flags: tuple[str, ...], algorithms: tuple[str, ...]
+    flags: tuple[str, ...], algorithms: tuple[str, ...], storage: str = "PersistentVolumeClaim"
 ) -> Callable[[Context, ExitStack, str], tuple[list[OurUpload], list[Contender]]]:
     def open_(ctx: Context, stack: ExitStack, name: str) -> tuple[list[OurUpload], list[Contender]]:
         nginx_dir = ctx.workdir / f"nginx-{name}"
         nginx_dir.mkdir()
         nginx = stack.enter_context(Nginx(nginx_dir))
-        ours = our_uploads(ctx, stack, name, flags, algorithms)
+        ours = our_uploads(ctx, stack, name, flags, algorithms, storage=storage)
         return ours, [NginxPut(nginx, ctx.source)]
 
     return open_
@@ -143,6 +143,12 @@ SCENARIOS: dict[str, Scenario] = {
             # time at most 0.6x theirs = throughput at least 1/0.6 of theirs
             (Comparison(NGINX_PUT_CONVERT, round(1 / 0.6, 2)),),
             _qcow2_upload_vs_convert,
+        ),
+        Scenario(
+            "raw-dvcr-layout",
+            f"raw random file, curl -T -> the embedded DVCR (OCI layout); {_VS_NGINX}",
+            (Comparison(NGINX_PUT, None), Comparison(NGINX_PUT_FSYNC, None)),
+            _raw_upload_vs_nginx((), ("sha256",), "ContainerRegistry"),
         ),
         Scenario(
             "raw-dvcr-registry",

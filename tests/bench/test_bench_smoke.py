@@ -34,7 +34,7 @@ def test_bench_prints_a_table_with_ratios(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| scenario"))
     assert "ratio" in header and "our peak RSS" in header
-    for scenario in ("raw-sha256", "raw-sha256-md5", "qcow2-pvc", "raw-dvcr-registry"):
+    for scenario in ("raw-sha256", "raw-sha256-md5", "qcow2-pvc", "raw-dvcr-layout"):
         row = next(line for line in lines if line.startswith(f"| {scenario} "))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert re.fullmatch(r"\d+\.\d\d", cells[4]), row  # the ratio
@@ -45,7 +45,7 @@ def test_bench_prints_a_table_with_ratios(tmp_path: Path) -> None:
     assert set(rows) == {
         *(
             (s, b)
-            for s in ("raw-sha256", "raw-sha256-md5")
+            for s in ("raw-sha256", "raw-sha256-md5", "raw-dvcr-layout")
             for b in ("nginx PUT", "nginx PUT+fsync")
         ),
         ("qcow2-pvc", "nginx PUT + qemu-img convert"),
