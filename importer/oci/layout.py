@@ -18,6 +18,7 @@ from typing import Any
 
 from importer.errors import ProvisioningFailed, StorageFull
 from importer.oci.image import CONFIG_TYPE, MANIFEST_TYPE, Descriptor, digest_of, manifest_blob
+from importer.writeback import WRITEBACK_EVERY, start_writeback
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
 _TMP_PREFIX = ".tmp-"
@@ -43,6 +44,8 @@ class LayoutBlobUpload:
     def __init__(self, layout: OciLayout) -> None:
         self.layout = layout
         self.path = layout.blobs / f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        self.written = 0
+        self._written_at_writeback = 0
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         except OSError as exc:
@@ -55,6 +58,10 @@ class LayoutBlobUpload:
                 view = view[os.write(self.fd, view) :]
         except OSError as exc:
             raise _os_error(exc, "writing the layer") from None
+        self.written += len(data)
+        if self.written - self._written_at_writeback >= WRITEBACK_EVERY:
+            start_writeback(self.fd)
+            self._written_at_writeback = self.written
 
     def _commit(self, digest: str) -> None:
         os.fsync(self.fd)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from importer.errors import ImageTooLarge, ProvisioningFailed, StorageFull
 from importer.formats.base import Buffer, Converter, ImageInfo
 from importer.sinks.decode import DecodeLane
+from importer.writeback import WRITEBACK_EVERY, start_writeback
 
 if TYPE_CHECKING:
     from importer.pipeline import TransferResult
@@ -40,17 +41,6 @@ _BLKZEROOUT = 0x127F
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-_libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-WRITEBACK_EVERY = 16 << 20
-
-
-def start_writeback(fd: int) -> None:
-    """Starts writing the file's dirty pages to disk now (without waiting for them), so the
-    final fsync has little left to do."""
-    _libc.sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
 
 
 def is_zero(view: memoryview) -> bool:
