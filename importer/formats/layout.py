@@ -23,14 +23,13 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import os
-import tempfile
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from importer.errors import InvalidImage, ProvisioningFailed, UnsupportedFormat
+from importer.errors import InvalidImage, UnsupportedFormat
 from importer.formats.base import Buffer, Converter, ImageInfo, Limits, RawTarget
+from importer.formats.spillfile import SpillFile
 
 _PLACE: Final = 0
 _CAPTURE: Final = 1
@@ -269,8 +268,7 @@ class Spill:
         self._segments: list[list] = []
         self._starts: list[int] = []
         self.memory = 0
-        self._file: tempfile._TemporaryFileWrapper | None = None  # type: ignore[type-arg]
-        self._file_end = 0
+        self._file = SpillFile(limits.spill_dir)
 
     def add(self, offset: int, view: memoryview) -> None:
         n = len(view)
@@ -283,9 +281,7 @@ class Spill:
                 self._append([offset, offset + n, bytearray(view), -1])
             self.memory += n
             return
-        position = self._file_end
-        self._write(view, position)
-        self._file_end += n
+        position = self._file.append(view)
         if (
             last is not None
             and last[1] == offset
@@ -299,7 +295,7 @@ class Spill:
     @property
     def file_bytes(self) -> int:
         """Bytes written to the side file since it was created (0 when there is none)."""
-        return self._file_end
+        return self._file.end
 
     def covers(self, start: int, end: int) -> bool:
         i = bisect.bisect_right(self._starts, start) - 1
@@ -333,7 +329,9 @@ class Spill:
                     piece_end = min(hi, piece_start + _READ_PIECE)
                     yield (
                         piece_start,
-                        self._read(position + piece_start - seg_start, piece_end - piece_start),
+                        self._file.read(
+                            position + piece_start - seg_start, piece_end - piece_start
+                        ),
                     )
             if seg_start < lo:
                 kept.append(_cut(seg_start, seg_end, data, position, seg_start, lo))
@@ -348,38 +346,11 @@ class Spill:
         self._segments = []
         self._starts = []
         self.memory = 0
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-            self._file_end = 0
+        self._file.close()
 
     def _append(self, segment: list) -> None:
         self._segments.append(segment)
         self._starts.append(segment[0])
-
-    def _write(self, view: memoryview, position: int) -> None:
-        try:
-            if self._file is None:
-                # Lives across feeds until `clear`; unlinked at once, and closed by the
-                # garbage collector should a converter be dropped without `close`.
-                self._file = tempfile.TemporaryFile(dir=self.directory, prefix="spill-")  # noqa: SIM115
-            fd = self._file.fileno()
-            while len(view):
-                written = os.pwrite(fd, view, position)
-                view = view[written:]
-                position += written
-        except OSError as exc:
-            raise ProvisioningFailed(f"writing the spill file failed: {exc.strerror}") from exc
-
-    def _read(self, position: int, length: int) -> bytes:
-        assert self._file is not None
-        try:
-            data = os.pread(self._file.fileno(), length, position)
-        except OSError as exc:
-            raise ProvisioningFailed(f"reading the spill file failed: {exc.strerror}") from exc
-        if len(data) != length:
-            raise ProvisioningFailed("the spill file is shorter than what was written to it")
-        return data
 
 
 def _cut(

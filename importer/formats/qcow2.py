@@ -27,17 +27,16 @@ from __future__ import annotations
 import bisect
 import heapq
 import itertools
-import os
 import struct
 import sys
-import tempfile
 import zlib
 from array import array
 from collections.abc import Iterator
-from typing import IO, Final
+from typing import Final
 
-from importer.errors import ImageTooLarge, InvalidImage, ProvisioningFailed, UnsupportedFormat
+from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Buffer, Converter, ImageInfo, Limits, MiB, RawTarget
+from importer.formats.spillfile import SpillFile
 from importer.formats.unwrap import max_unwrapped_size, zstd_decompress_exactly
 
 MAGIC: Final = b"QFI\xfb"
@@ -165,8 +164,7 @@ class Spill:
         self.positions: list[int] = []  # in the file
         self.memory = 0
         self.total = 0
-        self.file: IO[bytes] | None = None
-        self.file_end = 0
+        self.file = SpillFile(directory, prefix="qcow2-spill-")
 
     def __bool__(self) -> bool:
         return bool(self.starts)
@@ -189,9 +187,7 @@ class Spill:
             else:
                 self._append(offset, n, bytearray(data), -1)
             return
-        position = self.file_end
-        self._write(data, position)
-        self.file_end += n
+        position = self.file.append(data)
         if joins and self.chunks[-1] is None:
             self.ends[-1] += n
         else:
@@ -218,7 +214,7 @@ class Spill:
                 position = self.positions[i] + (pos - self.starts[i])
                 for piece_start in range(pos, hi, self.READ_PIECE):
                     length = min(self.READ_PIECE, hi - piece_start)
-                    yield piece_start, self._read(position + piece_start - pos, length)
+                    yield piece_start, self.file.read(position + piece_start - pos, length)
             pos = hi
             i += 1
 
@@ -235,34 +231,7 @@ class Spill:
     def clear(self) -> None:
         self.starts, self.ends, self.chunks, self.positions = [], [], [], []
         self.memory = 0
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-    def _write(self, data: memoryview, position: int) -> None:
-        try:
-            if self.file is None:
-                # Unlinked at once; closed by clear(), which every way out calls.
-                self.file = tempfile.TemporaryFile(  # noqa: SIM115
-                    dir=self.directory, prefix="qcow2-spill-"
-                )
-            fd = self.file.fileno()
-            while len(data):
-                written = os.pwrite(fd, data, position)
-                data = data[written:]
-                position += written
-        except OSError as exc:
-            raise ProvisioningFailed(f"qcow2: writing the spill file failed: {exc}") from exc
-
-    def _read(self, position: int, length: int) -> bytes:
-        assert self.file is not None
-        try:
-            data = os.pread(self.file.fileno(), length, position)
-        except OSError as exc:
-            raise ProvisioningFailed(f"qcow2: reading the spill file failed: {exc}") from exc
-        if len(data) != length:
-            raise ProvisioningFailed("qcow2: the spill file is shorter than what was written")
-        return data
+        self.file.close()
 
 
 class Qcow2Converter(Converter):
