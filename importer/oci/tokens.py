@@ -162,4 +162,13 @@ class Authorizer:
 
 
 def _union(first: Iterable[str], second: Iterable[str]) -> tuple[str, ...]:
-    return tuple(dict.fromkeys([*first, *second]))
+    """Both sets of scopes, one per resource with its actions merged: a registry's challenge
+    may name the same actions in another order (`push,pull`), which is the same scope."""
+    merged: dict[str, list[str]] = {}
+    for scope in [*first, *second]:
+        resource, _, actions = scope.rpartition(":")
+        known = merged.setdefault(resource or scope, [])
+        for action in actions.split(",") if resource else ():
+            if action and action not in known:
+                known.append(action)
+    return tuple(f"{res}:{','.join(acts)}" if acts else res for res, acts in merged.items())

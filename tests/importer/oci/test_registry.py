@@ -299,7 +299,8 @@ async def test_bearer_token_flow(tmp_path: Path) -> None:
             data = os.urandom(6 * MiB)
             digest = await push_streamed(client, "vi/ns/tok", data)
             await push_streamed(client, "vi/ns/tok", os.urandom(MiB), seed=2)
-            assert tokens.scopes_asked["repository:vi/ns/tok:pull,push"] == 1  # cached
+            asked = tokens.scopes_asked
+            assert asked["repository:vi/ns/tok:pull,push"] == 1, asked  # then cached
             assert await client.blob_exists("vi/ns/tok", digest) == len(data)
             assert sha256(await pull(client, "vi/ns/tok", digest)) == digest
 
