@@ -9,8 +9,10 @@ import struct
 import subprocess
 from pathlib import Path
 
+from feeding import feed_all
+
 from importer.errors import ImageTooLarge
-from importer.formats.base import Buffer, Converter, ImageInfo, Limits
+from importer.formats.base import Buffer, ImageInfo, Limits
 from importer.formats.decoder import ImageDecoder
 from importer.sinks.pvc import FileClaimTarget
 
@@ -61,37 +63,6 @@ def qemu_io(image: Path, *commands: str) -> None:
 def snapshot(image: Path, name: str) -> None:
     """An internal snapshot (the format given explicitly, as `snapshot` has no -f)."""
     run("qemu-img", "snapshot", "--image-opts", "-c", name, f"driver=qcow2,file.filename={image}")
-
-
-def random_pieces(data: Buffer, rnd: random.Random, big: int = 4 * MiB) -> list[memoryview]:
-    """Consecutive views of random sizes, from single bytes to several MiB."""
-    view = memoryview(data).cast("B")
-    out = []
-    pos = 0
-    while pos < len(view):
-        choice = rnd.random()
-        if choice < 0.15:
-            n = rnd.randint(1, 600)
-        elif choice < 0.6:
-            n = rnd.randint(1, 200_000)
-        else:
-            n = rnd.randint(1, big)
-        out.append(view[pos : pos + n])
-        pos += n
-    return out
-
-
-def feed_all(converter: Converter, data: Buffer, seed: int = 0) -> ImageInfo:
-    """Feeds in random pieces, each copied into a reused buffer that is scribbled over
-    after the call, as the pipeline does."""
-    rnd = random.Random(seed)
-    scratch = bytearray(4 * MiB)
-    for piece in random_pieces(data, rnd):
-        n = len(piece)
-        scratch[:n] = piece
-        converter.feed(memoryview(scratch)[:n])
-        scratch[:n] = b"\xa5" * n
-    return converter.finish()
 
 
 def decode_to_file(

@@ -32,7 +32,8 @@ from importer.formats.unwrap import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
-from qcow2_helpers import MiB, random_pieces
+from feeding import random_pieces
+from qcow2_helpers import MiB
 
 
 class Collect:

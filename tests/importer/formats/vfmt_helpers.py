@@ -7,6 +7,9 @@ import random
 import subprocess
 from pathlib import Path
 
+from feeding import feed_all
+from feeding import random_pieces as pieces
+
 from importer.formats.base import Converter, ImageInfo, Limits, NullTarget
 from importer.sinks.pvc import FileClaimTarget
 
@@ -46,36 +49,6 @@ def qemu_convert(src: Path, dst: Path, fmt: str, *options: str) -> Path:
         args += ["-o", option]
     subprocess.run([*args, str(src), str(dst)], check=True, capture_output=True)
     return dst
-
-
-def pieces(data: bytes, rnd: random.Random, max_piece: int = 3 * MiB) -> list[memoryview]:
-    """Consecutive views of random sizes: single bytes, odd sizes and large pieces."""
-    view = memoryview(data)
-    out = []
-    pos = 0
-    while pos < len(view):
-        choice = rnd.random()
-        if choice < 0.1:
-            n = rnd.randint(1, 16)
-        elif choice < 0.5:
-            n = rnd.randint(1, 70_000)
-        else:
-            n = rnd.randint(1, max_piece)
-        out.append(view[pos : pos + n])
-        pos += n
-    return out
-
-
-def feed_all(converter: Converter, data: bytes, seed: int) -> ImageInfo:
-    """Feeds the image in random pieces, through a reused buffer as the pipeline does."""
-    rnd = random.Random(seed)
-    buffer = bytearray(3 * MiB)
-    for piece in pieces(data, rnd):
-        n = len(piece)
-        buffer[:n] = piece
-        converter.feed(memoryview(buffer)[:n])
-        buffer[:n] = b"\xa5" * n  # a converter that kept a view would see garbage
-    return converter.finish()
 
 
 def convert_to_raw(
