@@ -12,9 +12,9 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from bench.curl import CurlFailed, put_file
+from bench.curl import CurlFailed, finish_get, put_file, start_get
 from bench.nginx import Nginx
 from bench.ours import OurServer
 from bench.procstat import CpuUse, Sampler
@@ -26,6 +26,8 @@ NGINX_PUT = "nginx PUT"
 NGINX_PUT_FSYNC = "nginx PUT+fsync"
 NGINX_PUT_CONVERT = "nginx PUT + qemu-img convert"
 REGISTRY_PATCH = "curl PATCH to registry"
+CURL_GET = "curl -o"
+CURL_GET_FSYNC = "curl -o+fsync"
 
 
 class RunFailed(RuntimeError):
@@ -102,6 +104,91 @@ class OurUpload:
                 raise RunFailed(f"our server reports {algorithm} {got}, the file has {want}")
         if answer.get("phase") != "Ready":
             raise RunFailed(f"the image is not Ready after the upload: {answer}")
+
+
+class OurHttpImport(OurUpload):
+    """A new image with `dataSource.type: HTTP` fed from `url` (nginx serving the source),
+    timed from the create request until the image is Ready (its data fsynced), as a watch
+    of the image reports it."""
+
+    def __init__(
+        self,
+        server: OurServer,
+        source: SourceFile,
+        prefix: str,
+        algorithms: tuple[str, ...],
+        label: str = "",
+        storage: str = "PersistentVolumeClaim",
+        *,
+        url: str,
+    ) -> None:
+        super().__init__(server, source, prefix, algorithms, label, storage)
+        self.url = url
+
+    def run(self, tag: str) -> Sample:
+        name = _dns_name(f"bench-{self.prefix}-{tag}")
+        try:
+            with Sampler(self.server.pid) as sampler:
+                seconds, obj = self.server.import_http(name, self.url, self.storage)
+            self._check_import(name, obj)
+        finally:
+            self.server.delete(name)
+            settle()
+        return Sample({self.name: seconds}, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
+
+    def _check_import(self, name: str, obj: dict[str, Any]) -> None:
+        status = obj.get("status") or {}
+        if status.get("phase") != "Ready":
+            raise RunFailed(f"the import of {self.url} ended {status.get('phase')}: {status}")
+        checksums = status.get("checksum") or {}
+        want = {"sha256": self.source.sha256, "md5": self.source.md5}
+        for algorithm in self.algorithms:
+            if checksums.get(algorithm) != want[algorithm]:
+                raise RunFailed(f"our server reports {checksums}, the file has {want}")
+        if self.storage == "PersistentVolumeClaim":
+            disk = self.server.claim_dir(name) / "disk.img"
+            size = disk.stat().st_size if disk.exists() else None
+            if size != self.source.size:
+                raise RunFailed(f"{disk} holds {size} bytes of {self.source.size}")
+
+
+class CurlGet:
+    """`curl -o FILE URL` of what our server imports, into a file on the same disk. curl
+    does not fsync, so the run reports two figures: until curl is done, and until the file
+    is fsynced right after (what our server does before the image is Ready). The CPU
+    figures are curl's: the downloader, as our server is."""
+
+    name = "curl"
+    series = (CURL_GET, CURL_GET_FSYNC)
+
+    def __init__(self, url: str, source: SourceFile, target_dir: Path) -> None:
+        self.url = url
+        self.source = source
+        self.target_dir = target_dir
+
+    def run(self, tag: str) -> Sample:
+        self.target_dir.mkdir(parents=True, exist_ok=True)
+        path = self.target_dir / f"{tag}.img"
+        try:
+            proc = start_get(self.url, path)
+            with Sampler(proc.pid) as sampler:
+                result = finish_get(proc, self.url)
+                started = time.perf_counter()
+                if result.code == 200:
+                    fsync_path(path)
+                fsync = time.perf_counter() - started
+            if result.code != 200:
+                raise RunFailed(f"curl got {result.code} from {self.url}")
+            size = path.stat().st_size
+            if size != self.source.size:
+                raise RunFailed(f"curl stored {size} bytes of {self.source.size}")
+        except CurlFailed as exc:
+            raise RunFailed(str(exc)) from None
+        finally:
+            path.unlink(missing_ok=True)
+            settle()
+        seconds = {CURL_GET: result.seconds, CURL_GET_FSYNC: result.seconds + fsync}
+        return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
 
 
 class NginxPut:

@@ -1,4 +1,4 @@
-"""The reference client: real `curl -T`, timed by curl itself."""
+"""The reference client: real `curl -T` (and `curl -o` for downloads), timed by curl itself."""
 
 from __future__ import annotations
 
@@ -49,3 +49,18 @@ def put_file(path: Path, url: str, response: Path) -> CurlResult:
     body = response.read_bytes() if response.exists() else b""
     response.unlink(missing_ok=True)
     return CurlResult(int(code), float(seconds), body)
+
+
+def start_get(url: str, output: Path) -> subprocess.Popen[bytes]:
+    """`curl -sS -o OUTPUT -w '%{http_code} %{time_total}' URL`, started; see `finish_get`."""
+    argv = [curl_binary(), "-sS", "-o", str(output), "-w", "%{http_code} %{time_total}", url]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish_get(proc: subprocess.Popen[bytes], url: str) -> CurlResult:
+    """Waits for a `start_get` download; the body is in its output file, not in the result."""
+    stdout, stderr = proc.communicate()
+    if proc.returncode != 0:
+        raise CurlFailed(f"curl -o {url}: {stderr.decode(errors='replace').strip()}")
+    code, seconds = stdout.decode().split()
+    return CurlResult(int(code), float(seconds), b"")

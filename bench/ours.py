@@ -1,7 +1,9 @@
-"""Our server, `dvcr-uploader serve`, as a child process, and the API calls an upload needs."""
+"""Our server, `dvcr-uploader serve`, as a child process, and the API calls an upload or an
+import needs."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -31,6 +33,15 @@ def upload_manifest(name: str, storage: str = "PersistentVolumeClaim") -> dict[s
         "kind": "VirtualImage",
         "metadata": {"name": name},
         "spec": {"storage": storage, "dataSource": {"type": "Upload"}},
+    }
+
+
+def http_manifest(name: str, url: str, storage: str = "PersistentVolumeClaim") -> dict[str, Any]:
+    return {
+        "apiVersion": "virtualization.deckhouse.io/v1alpha2",
+        "kind": "VirtualImage",
+        "metadata": {"name": name},
+        "spec": {"storage": storage, "dataSource": {"type": "HTTP", "http": {"url": url}}},
     }
 
 
@@ -150,6 +161,32 @@ class OurServer:
                 raise ApiFailed(f"{name} did not wait for an upload: {obj.get('status')}")
             time.sleep(0.02)
             code, obj = self._call("GET", self._images(name))
+
+    def import_http(
+        self, name: str, url: str, storage: str = "PersistentVolumeClaim", timeout: float = 3600
+    ) -> tuple[float, dict[str, Any]]:
+        """Creates an image fed from `url` and follows it with a watch until it is Ready or
+        Failed. Returns the seconds from the create request until that event, and the
+        object as the event had it."""
+        watch = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            # The watch is open before the image exists: no event can be missed.
+            watch.request("GET", self._images(name) + "?watch=true")
+            events = watch.getresponse()
+            if events.status != 200:
+                raise ApiFailed(f"watching {name}: {events.status} {events.read()[:500]!r}")
+            started = time.perf_counter()
+            code, obj = self._call("POST", self._images(), http_manifest(name, url, storage))
+            if code != 201:
+                raise ApiFailed(f"creating {name}: {code} {obj}")
+            while line := events.readline():
+                event = json.loads(line)
+                obj = event["object"]
+                if (obj.get("status") or {}).get("phase") in ("Ready", "Failed"):
+                    return time.perf_counter() - started, obj
+            raise ApiFailed(f"the watch of {name} ended before it was Ready: {obj.get('status')}")
+        finally:
+            watch.close()
 
     def delete(self, name: str) -> None:
         """Deletes the image and its data (the server removes the claim directory)."""

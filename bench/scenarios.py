@@ -7,6 +7,8 @@ baseline figure each table row sets ours against, and the target ratio, if any.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -14,13 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.contenders import (
+    CURL_GET,
+    CURL_GET_FSYNC,
     NGINX_PUT,
     NGINX_PUT_CONVERT,
     NGINX_PUT_FSYNC,
     REGISTRY_PATCH,
     Contender,
+    CurlGet,
     NginxPut,
     NginxPutConvert,
+    OurHttpImport,
     OurUpload,
     RegistryPatch,
 )
@@ -61,14 +67,21 @@ def our_uploads(
     algorithms: tuple[str, ...],
     source: SourceFile | None = None,
     storage: str = "PersistentVolumeClaim",
+    http_url: str | None = None,
 ) -> list[OurUpload]:
-    """Our server, and each candidate version, started with `flags`; ours first."""
+    """Our server, and each candidate version, started with `flags`; ours first. With
+    `http_url`, each imports from that URL instead of taking an upload."""
     uploads: list[OurUpload] = []
     for label, env in {"": ctx.ours_env, **ctx.candidates}.items():
         data_dir = ctx.workdir / (f"ours-{name}-{label}" if label else f"ours-{name}")
         server = stack.enter_context(OurServer(data_dir, flags, env))
         sent = source or ctx.source
-        uploads.append(OurUpload(server, sent, name, algorithms, label, storage))
+        if http_url is not None:
+            uploads.append(
+                OurHttpImport(server, sent, name, algorithms, label, storage, url=http_url)
+            )
+        else:
+            uploads.append(OurUpload(server, sent, name, algorithms, label, storage))
     return uploads
 
 
@@ -119,6 +132,23 @@ def _dvcr_upload_vs_registry_patch(
     return ours, [RegistryPatch(registry, ctx.source)]
 
 
+def _http_import_vs_curl(
+    ctx: Context, stack: ExitStack, name: str
+) -> tuple[list[OurUpload], list[Contender]]:
+    """nginx serves the source file (a hard link to it, so both readers share its page
+    cache); our server imports it into a PVC, curl downloads it into a file beside."""
+    nginx_dir = ctx.workdir / f"nginx-{name}"
+    nginx_dir.mkdir()
+    nginx = stack.enter_context(Nginx(nginx_dir))
+    url, served = nginx.target("source.img")
+    try:
+        os.link(ctx.source.path, served)
+    except OSError:
+        shutil.copyfile(ctx.source.path, served)
+    ours = our_uploads(ctx, stack, name, (), ("sha256",), http_url=url)
+    return ours, [CurlGet(url, ctx.source, ctx.workdir / f"curl-{name}")]
+
+
 _VS_NGINX = "vs nginx WebDAV PUT of the same file to the same disk"
 
 SCENARIOS: dict[str, Scenario] = {
@@ -156,6 +186,14 @@ SCENARIOS: dict[str, Scenario] = {
             "manifest, tag); vs curl streaming the same bytes in one PATCH to the registry",
             (Comparison(REGISTRY_PATCH, 0.9),),
             _dvcr_upload_vs_registry_patch,
+        ),
+        Scenario(
+            "http-import-pvc",
+            "raw random file served by nginx, dataSource.type HTTP -> PVC disk.img, sha256, "
+            "timed from the create request until Ready; vs curl -o of the same URL into a "
+            "file on the same disk, then fsync",
+            (Comparison(CURL_GET, None), Comparison(CURL_GET_FSYNC, 0.9)),
+            _http_import_vs_curl,
         ),
     )
 }

@@ -54,6 +54,11 @@ class SourceUnreachable(TransferError):
     http_status = 502
 
 
+class StartOver(SourceUnreachable):
+    """The source broke off and cannot continue where it stopped; the whole transfer may be
+    tried again from byte 0 (a bounded number of times)."""
+
+
 class StorageFull(TransferError):
     """The target ran out of space."""
 

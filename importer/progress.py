@@ -22,6 +22,10 @@ class Progress:
     """Counts bytes as they are received. Called from the event loop only."""
 
     def __init__(self, total: int | None = None, done: int = 0) -> None:
+        self.restart(total, done)
+
+    def restart(self, total: int | None, done: int = 0) -> None:
+        """Counting from `done` again, for a transfer that starts over or resumes."""
         self.total = total
         self.done = done
         self.started = time.monotonic()

@@ -34,7 +34,13 @@ def test_bench_prints_a_table_with_ratios(tmp_path: Path) -> None:
     lines = proc.stdout.splitlines()
     header = next(line for line in lines if line.startswith("| scenario"))
     assert "ratio" in header and "our peak RSS" in header
-    for scenario in ("raw-sha256", "raw-sha256-md5", "qcow2-pvc", "raw-dvcr-layout"):
+    for scenario in (
+        "raw-sha256",
+        "raw-sha256-md5",
+        "qcow2-pvc",
+        "raw-dvcr-layout",
+        "http-import-pvc",
+    ):
         row = next(line for line in lines if line.startswith(f"| {scenario} "))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert re.fullmatch(r"\d+\.\d\d", cells[4]), row  # the ratio
@@ -50,6 +56,8 @@ def test_bench_prints_a_table_with_ratios(tmp_path: Path) -> None:
         ),
         ("qcow2-pvc", "nginx PUT + qemu-img convert"),
         ("raw-dvcr-registry", "curl PATCH to registry"),
+        ("http-import-pvc", "curl -o"),
+        ("http-import-pvc", "curl -o+fsync"),
     }
     for row in rows.values():
         assert row["ratio"] > 0 and row["ours_mbps"] > 0 and row["baseline_mbps"] > 0
