@@ -4,6 +4,10 @@ Blobs land under temporary names in `blobs/sha256/` and are renamed to their dig
 complete; `index.json` is replaced atomically. References are `repo:tag` under the
 annotation `org.opencontainers.image.ref.name`, readable by
 `skopeo copy oci:DIR:vi/NS/NAME:UID ...`.
+
+A copy is one more reference to the same manifest: the blobs are shared, and removing a
+reference deletes only the blobs no remaining reference (or the index it names) uses.
+`open_disk` streams the disk file of an image back out of its layer blob.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import contextlib
 import json
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from importer.errors import ProvisioningFailed, StorageFull
+from importer.errors import ProvisioningFailed, SourceUnreachable, StorageFull
+from importer.oci.disklayer import DiskFile, FileSource, disk_from_layers
 from importer.oci.image import CONFIG_TYPE, MANIFEST_TYPE, Descriptor, digest_of, manifest_blob
+from importer.oci.pull import DEFAULT_PLATFORM, ManifestGetter, Platform, image_layers
 from importer.writeback import WRITEBACK_EVERY, start_writeback
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -151,20 +159,100 @@ class OciLayout:
         self._write_index(index)
         self._collect_garbage(index)
 
+    async def copy(self, src_repo: str, src_tag: str, dst_repo: str, dst_tag: str) -> None:
+        """Makes `dst_repo:dst_tag` name the image of `src_repo:src_tag` (the same manifest,
+        no blob copied); an image already under the destination name is replaced."""
+        async with self._lock:
+            await asyncio.to_thread(self._copy, f"{src_repo}:{src_tag}", f"{dst_repo}:{dst_tag}")
+
+    def _copy(self, src: str, dst: str) -> None:
+        try:
+            index = self._read_index()
+            entry = next((m for m in index["manifests"] if self._ref_of(m) == src), None)
+            if entry is None:
+                raise SourceUnreachable(f"DVCR has no image {src} to copy")
+            if src == dst:
+                return
+            copied = json.loads(json.dumps(entry))
+            copied["annotations"] = {**copied.get("annotations", {}), REF_ANNOTATION: dst}
+            replaced = [m for m in index["manifests"] if self._ref_of(m) == dst]
+            index["manifests"] = [m for m in index["manifests"] if self._ref_of(m) != dst]
+            index["manifests"].append(copied)
+            self._write_index(index)
+            if replaced:
+                self._collect_garbage(index)
+        except OSError as exc:
+            raise _os_error(exc, f"copying {src} to {dst} in DVCR") from None
+
+    def open_disk(self, repo: str, tag: str) -> AbstractAsyncContextManager[DiskFile]:
+        """The disk file of the image `repo:tag`, read from its blob by worker threads."""
+        return self._open_disk(repo, tag)
+
+    @asynccontextmanager
+    async def _open_disk(self, repo: str, tag: str) -> AsyncIterator[DiskFile]:
+        ref = f"{repo}:{tag}"
+        what = f"the DVCR image {ref}"
+        layers = await image_layers(
+            self._manifest_getter(ref), ref, Platform.parse(DEFAULT_PLATFORM), what
+        )
+
+        def open_blob(layer: Descriptor) -> FileSource:
+            return FileSource(self.blob_path(layer.digest), what)
+
+        async with disk_from_layers(layers, open_blob) as disk:
+            yield disk
+
+    def _manifest_getter(self, ref: str) -> ManifestGetter:
+        """Manifests by the reference name in index.json, or by digest."""
+
+        def read(reference: str) -> tuple[bytes, str]:
+            media_type = ""
+            digest = reference
+            if not reference.startswith("sha256:"):
+                entry = next(
+                    (m for m in self._read_index()["manifests"] if self._ref_of(m) == reference),
+                    None,
+                )
+                if entry is None:
+                    raise SourceUnreachable(f"DVCR has no image {reference}")
+                digest, media_type = entry["digest"], entry.get("mediaType", "")
+            try:
+                return self.blob_path(digest).read_bytes(), media_type
+            except FileNotFoundError:
+                raise SourceUnreachable(
+                    f"the manifest {digest} of the DVCR image {ref} is missing"
+                ) from None
+            except OSError as exc:
+                raise SourceUnreachable(f"reading the DVCR image {ref}: {exc.strerror}") from None
+
+        async def get(reference: str) -> tuple[bytes, str]:
+            return await asyncio.to_thread(read, reference)
+
+        return get
+
     def refs(self) -> list[str]:
         return [self._ref_of(m) for m in self._read_index()["manifests"]]
 
     def _collect_garbage(self, index: dict[str, Any]) -> None:
         used: set[str] = set()
         for entry in index["manifests"]:
-            used.add(entry["digest"].removeprefix("sha256:"))
-            with contextlib.suppress(OSError, ValueError):
-                manifest = json.loads(self.blob_path(entry["digest"]).read_bytes())
-                for desc in [manifest["config"], *manifest["layers"]]:
-                    used.add(desc["digest"].removeprefix("sha256:"))
+            self._mark_used(entry["digest"], used)
         for blob in self.blobs.iterdir():
             if not blob.name.startswith(_TMP_PREFIX) and blob.name not in used:
                 blob.unlink()
+
+    def _mark_used(self, digest: str, used: set[str], depth: int = 0) -> None:
+        """The manifest `digest` and what it names: config and layers, or (an index) the
+        manifests it lists, and theirs."""
+        used.add(digest.removeprefix("sha256:"))
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError, AttributeError):
+            manifest = json.loads(self.blob_path(digest).read_bytes())
+            for desc in [manifest.get("config"), *manifest.get("layers", [])]:
+                if desc:
+                    used.add(desc["digest"].removeprefix("sha256:"))
+            if depth < 3:
+                for child in manifest.get("manifests", []):
+                    self._mark_used(child["digest"], used, depth + 1)
 
     def _put_blob(self, data: bytes) -> tuple[str, int]:
         digest = digest_of(data)

@@ -41,6 +41,9 @@ def sha256_digest(data: bytes) -> str:
 class RegistryClient:
     """`async with RegistryClient("http://127.0.0.1:5000") as registry: ...`
 
+    The registry may also be named without a scheme (`127.0.0.1:5000`, `reg.example`): it
+    is then reached over HTTPS, or plain HTTP where importer/oci/endpoint.py allows it,
+    decided on the first request (or by `resolve_endpoint()`).
     `io_timeout` bounds every wait for the registry: an answer, or room to send more data.
     """
 
@@ -62,7 +65,17 @@ class RegistryClient:
             io_timeout=io_timeout,
         )
         self._upload_queue_items = upload_queue_items
-        self.base_url = str(self._transport.base_url)
+
+    @property
+    def base_url(self) -> str:
+        """The registry's URL; for a name without a scheme, its https:// URL until the first
+        request (or `resolve_endpoint()`) has decided."""
+        return str(self._transport.base_url)
+
+    async def resolve_endpoint(self) -> str:
+        """Decides the scheme now (one `GET /v2/` for a name without one); the base URL."""
+        what = f"reaching the registry {self._transport.endpoint.netloc}"
+        return str(await self._transport.decide_scheme(what))
 
     async def __aenter__(self) -> RegistryClient:
         self._transport.session()

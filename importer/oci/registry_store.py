@@ -3,15 +3,30 @@
 The layer streams into one blob upload session while it is received; the config, the
 manifest and the tag follow only after the layer is complete and checked. A failed or
 refused transfer cancels the session, so no tag and no partial blob remain.
+
+A copy mounts the blobs into the new repository (the registry links them, nothing is sent)
+and puts the same manifest under the new tag; only when the registry refuses a mount is
+that blob streamed across. `open_disk` streams the disk file back out of the layer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
 
+from importer.errors import InvalidImage, SourceUnreachable
+from importer.oci.disklayer import DiskFile
+from importer.oci.errors import RegistryError
 from importer.oci.image import CONFIG_TYPE, MANIFEST_TYPE, Descriptor, manifest_blob
-from importer.oci.registry import RegistryClient
+from importer.oci.pull import open_registry_disk
+from importer.oci.registry import DOCKER_MANIFEST_LIST, OCI_INDEX, RegistryClient
 from importer.oci.upload import BlobUpload
+
+log = logging.getLogger(__name__)
 
 
 class RegistryLayerUpload:
@@ -73,6 +88,76 @@ class RegistryStore:
 
     async def remove(self, repo: str, tag: str) -> None:
         await self.client.delete_manifest(repo, tag)
+
+    async def copy(self, src_repo: str, src_tag: str, dst_repo: str, dst_tag: str) -> None:
+        """Makes `dst_repo:dst_tag` the same image as `src_repo:src_tag`: blobs mounted
+        (one copy of the bytes in the registry), the same manifest under the new tag."""
+        try:
+            body, media_type, _ = await self.client.get_manifest(src_repo, src_tag)
+        except RegistryError as exc:
+            if exc.status == 404:
+                raise SourceUnreachable(
+                    f"DVCR has no image {src_repo}:{src_tag} to copy: {exc.message}"
+                ) from None
+            raise
+        await self._copy_manifest(src_repo, dst_repo, body, media_type, depth=0)
+        await self.client.put_manifest(dst_repo, dst_tag, body, media_type)
+
+    async def _copy_manifest(
+        self, src_repo: str, dst_repo: str, body: bytes, media_type: str, depth: int
+    ) -> None:
+        """Everything the manifest names, into dst_repo (an index's manifests by digest)."""
+        try:
+            document: Any = json.loads(body)
+        except ValueError:
+            raise InvalidImage(f"the manifest in {src_repo} is not JSON") from None
+        if not isinstance(document, dict):
+            raise InvalidImage(f"the manifest in {src_repo} is not a JSON object")
+        kind = media_type or document.get("mediaType", "")
+        if kind in (OCI_INDEX, DOCKER_MANIFEST_LIST) or "manifests" in document:
+            if depth >= 3:
+                raise InvalidImage(f"the indexes in {src_repo} are nested too deeply")
+            for child in document.get("manifests", []):
+                child_body, child_type, digest = await self.client.get_manifest(
+                    src_repo, child["digest"]
+                )
+                await self._copy_manifest(src_repo, dst_repo, child_body, child_type, depth + 1)
+                await self.client.put_manifest(dst_repo, digest, child_body, child_type)
+            return
+        for desc in [document.get("config"), *document.get("layers", [])]:
+            if desc:
+                await self._copy_blob(src_repo, dst_repo, desc["digest"])
+
+    async def _copy_blob(self, src_repo: str, dst_repo: str, digest: str) -> None:
+        if await self.client.blob_exists(dst_repo, digest) is not None:
+            return
+        if await self.client.mount_blob(dst_repo, digest, from_repo=src_repo):
+            return
+        log.warning(
+            "the registry refused to mount blob %s from %s into %s; copying its bytes",
+            digest,
+            src_repo,
+            dst_repo,
+        )
+        upload = await self.client.start_blob_upload(dst_repo)
+        try:
+            async for chunk in self.client.get_blob(src_repo, digest):
+                await upload.write(chunk)
+            await upload.finish(digest)  # the registry checks the digest
+        except BaseException:
+            await upload.cancel()
+            raise
+
+    def open_disk(self, repo: str, tag: str) -> AbstractAsyncContextManager[DiskFile]:
+        """The disk file of the DVCR image `repo:tag`, streamed from the registry."""
+        return self._open_disk(repo, tag)
+
+    @asynccontextmanager
+    async def _open_disk(self, repo: str, tag: str) -> AsyncIterator[DiskFile]:
+        async with open_registry_disk(
+            self.client, repo, tag, what=f"the DVCR image {repo}:{tag}"
+        ) as disk:
+            yield disk
 
     async def close(self) -> None:
         await self.client.close()

@@ -1,7 +1,12 @@
-"""One aiohttp session to one registry: URLs, TLS, auth retries and error translation."""
+"""One aiohttp session to one registry: URLs, TLS, auth retries and error translation.
+
+The base may be a name without a scheme (`host:port`): the scheme is then decided on the
+first request, by the rule of importer/oci/endpoint.py (HTTPS, or plain HTTP after a
+connection failure on a loopback or insecure registry)."""
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -13,6 +18,7 @@ from yarl import URL
 
 from importer.oci.auth import Credentials
 from importer.oci.challenge import parse_challenges
+from importer.oci.endpoint import Endpoint, choose_url
 from importer.oci.errors import RegistryError, error_from_answer, error_from_exception
 from importer.oci.tokens import Authorizer
 
@@ -50,12 +56,14 @@ class Transport:
         insecure: bool,
         io_timeout: float,
     ) -> None:
-        url = URL(base_url.rstrip("/"))
-        if url.scheme not in ("http", "https") or not url.host:
-            raise RegistryError(f"{base_url!r} is not a registry URL (http://... or https://...)")
-        self.base_url = url
+        self.endpoint = Endpoint.parse(base_url)
+        # Until the scheme of a name without one is decided, this is its https:// URL.
+        self.base_url = self.endpoint.url
         self.io_timeout = io_timeout
-        self._tls = tls_context(ca_bundle, insecure) if url.scheme == "https" else True
+        self._insecure = insecure
+        self._scheme_decided = self.endpoint.scheme is not None
+        self._deciding = asyncio.Lock()
+        self._tls = tls_context(ca_bundle, insecure) if self.base_url.scheme == "https" else True
         self._session: aiohttp.ClientSession | None = None
         self.authorizer = Authorizer(credentials, self.session)
 
@@ -76,6 +84,23 @@ class Transport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    async def decide_scheme(self, what: str) -> URL:
+        """The base URL, probing once for a name written without a scheme."""
+        if not self._scheme_decided:
+            async with self._deciding:
+                if not self._scheme_decided:
+                    self.base_url = await choose_url(
+                        self.session(), self.endpoint, insecure=self._insecure, what=what
+                    )
+                    self._scheme_decided = True
+        return self.base_url
+
+    def _rebased(self, url: URL) -> URL:
+        """A URL built from the provisional https:// base, moved to the decided scheme."""
+        if url.scheme != self.base_url.scheme and url.origin() == self.endpoint.url.origin():
+            return url.with_scheme(self.base_url.scheme)
+        return url
 
     def url(self, path: str) -> URL:
         return self.base_url.with_path(f"{self.base_url.path.rstrip('/')}/v2/{path}")
@@ -105,6 +130,9 @@ class Transport:
         """Sends a request with whatever auth the registry wants, retrying once after a 401
         when the request can be replayed; an answer outside `ok` raises RegistryError. `raw`
         keeps a Content-Encoding as sent (a blob's digest is over the stored bytes)."""
+        if self.endpoint.scheme is None:
+            await self.decide_scheme(what)
+            url = self._rebased(url)
         where = f"{self.base_url.host}:{self.base_url.port}"
         sent = await self.authorizer.header(scope, what)
         options: dict[str, Any] = {"data": data}

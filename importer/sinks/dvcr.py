@@ -8,9 +8,11 @@ never sees a partial image, and a refused stream leaves no tag behind.
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 from importer.formats.base import Converter, ImageInfo
+from importer.oci.disklayer import DiskFile
 from importer.oci.image import LAYER_TYPE, Descriptor, config_blob, image_labels
 from importer.oci.layer import LayerLane
 from importer.sinks.decode import DecodeLane
@@ -39,6 +41,15 @@ class ImageStore(Protocol):
     async def remove(self, repo: str, tag: str) -> None: ...
 
     def reference(self, repo: str, tag: str) -> str: ...
+
+    async def copy(self, src_repo: str, src_tag: str, dst_repo: str, dst_tag: str) -> None:
+        """`dst_repo:dst_tag` becomes the same image, sharing its blobs (no bytes copied
+        where the store can avoid it). A missing source raises SourceUnreachable."""
+        ...
+
+    def open_disk(self, repo: str, tag: str) -> AbstractAsyncContextManager[DiskFile]:
+        """The disk file of the image, streamed (see importer/oci/disklayer.py)."""
+        ...
 
 
 class DvcrSink:
