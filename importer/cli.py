@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +21,11 @@ from aiohttp import web
 
 from importer.errors import TransferError
 from importer.formats.base import Limits, TiB
-from importer.formats.decoder import ImageDecoder
+from importer.job_endpoints import Destination, RegistrySettings, source_opener
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
-from importer.pipeline import Pipeline, PipelineOptions, TransferResult
+from importer.pipeline import PipelineOptions, TransferResult
 from importer.progress import Progress
-from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
-from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
-from importer.sources.file import file_chunks, source_length
-from importer.sources.http import HttpSource
+from importer.transfer import OpenedSource, run_transfer
 
 log = logging.getLogger("dvcr-importer")
 
@@ -52,11 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Import one image; flags default to Deckhouse's IMPORTER_* environment.",
     )
     parser.add_argument("--source", default=env("IMPORTER_SOURCE"), choices=SOURCES)
-    parser.add_argument("--endpoint", default=env("IMPORTER_ENDPOINT"), help="URL or path")
+    parser.add_argument(
+        "--endpoint",
+        default=env("IMPORTER_ENDPOINT"),
+        help="a URL (http), an image reference (registry, dvcr) or a path",
+    )
     parser.add_argument(
         "--destination",
         default=env("IMPORTER_DESTINATION_ENDPOINT"),
-        help="PVC: a directory (disk.img is written in it) or a block device / file path",
+        help="a PVC path (a directory gets disk.img; a block device or file is written in "
+        "place), or DVCR: host[:port]/repo:tag in a registry or oci:DIR:repo:tag",
     )
     parser.add_argument("--auth-config", default=env("IMPORTER_AUTH_CONFIG"))
     parser.add_argument(
@@ -106,13 +107,6 @@ def _ca_bundle(cert_dir: str | None) -> bytes | None:
     return b"\n".join(pems) or None
 
 
-def _destination(path_text: str, limit: int) -> ClaimTarget:
-    path = Path(path_text)
-    if path.is_dir() or not path.exists():
-        return FileClaimTarget(path, capacity=limit)
-    return BlockClaimTarget(path)
-
-
 async def _serve_metrics(metrics: Metrics, listen: str) -> web.AppRunner | None:
     if not listen:
         return None
@@ -145,41 +139,37 @@ async def run_import(args: argparse.Namespace, metrics: Metrics) -> TransferResu
         raise UsageError(
             "--source, --endpoint and --destination (or their IMPORTER_* variables) are needed"
         )
-    if args.source in ("registry", "dvcr"):
-        raise UsageError(f"source {args.source} is not available in this version")
-    if not args.destination.startswith(("/", ".")):
-        raise UsageError("registry destinations are not available in this version; give a path")
     expected = parse_checksums(args.checksums)
-    target: ClaimTarget = _destination(args.destination, args.max_image_size)
-    rate = sink_rate_from_env()
-    if rate:
-        target = ThrottledTarget(target, rate)  # type: ignore[assignment]
-    sink = PvcSink(target, ImageDecoder(target, Limits(max_virtual_size=args.max_image_size)))
     algorithms = tuple(sorted({"sha256", *expected}))
+    limits = Limits(max_virtual_size=args.max_image_size)
+    ca_bundle = _ca_bundle(args.cert_dir)
+    open_source = source_opener(
+        args.source,
+        args.endpoint,
+        RegistrySettings(args.auth_config, ca_bundle, args.insecure_tls),
+    )
+    destination = Destination(
+        args.destination,
+        RegistrySettings(args.destination_auth_config, ca_bundle, args.destination_insecure_tls),
+        limits,
+    )
 
-    async def transfer(source: AsyncIterator[bytes], length: int | None) -> TransferResult:
-        options = PipelineOptions(
+    def options_for(source: OpenedSource) -> PipelineOptions:
+        return PipelineOptions(
             algorithms=algorithms,
             expected_checksums=expected,
-            expected_length=length,
+            expected_length=source.length,
             max_received_bytes=args.max_image_size,
         )
-        progress = Progress(total=length)
-        reporter = asyncio.create_task(_report(metrics, args.owner_uid, progress))
-        try:
-            result = await Pipeline(sink, options, progress).run(source)
-        finally:
-            reporter.cancel()
-            metrics.report(args.owner_uid, progress)
-        return result
 
-    if args.source == "http":
-        async with HttpSource(
-            args.endpoint, _ca_bundle(args.cert_dir), insecure=args.insecure_tls
-        ) as http:
-            return await transfer(http.chunks(), http.length)
-    path = Path(args.endpoint)
-    return await transfer(file_chunks(path), source_length(path))
+    progress = Progress()
+    reporter = asyncio.create_task(_report(metrics, args.owner_uid, progress))
+    try:
+        return await run_transfer(open_source, destination.open_sink, options_for, progress)
+    finally:
+        reporter.cancel()
+        metrics.report(args.owner_uid, progress)
+        await destination.close()
 
 
 def termination_message(

@@ -135,6 +135,16 @@ class Server:
                 raise AssertionError(f"{name} stayed {obj['status']}")
             time.sleep(0.05)
 
+    def wait_gone(self, name: str, timeout: float = 60, namespace: str = "default") -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            code, obj = self.call("GET", self.images_path(namespace, name))
+            if code == 404:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is still there: {obj['status']}")
+            time.sleep(0.05)
+
     def upload_url(self, name: str, namespace: str = "default") -> str:
         obj = self.wait_phase(name, ("WaitForUserUpload",), namespace=namespace)
         return obj["status"]["imageUploadURLs"]["external"]

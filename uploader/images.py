@@ -7,23 +7,21 @@ a reason. Every change goes through the store, so watchers see it and it survive
 from __future__ import annotations
 
 import asyncio
-import base64
+import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlparse
 
 from importer.errors import TransferError, TransferInterrupted
 from importer.formats.base import Buffer
 from importer.metrics import Metrics
-from importer.pipeline import Pipeline, PipelineOptions, TransferResult
+from importer.pipeline import PipelineOptions, Sink, TransferResult
 from importer.progress import Progress, format_quantity
-from importer.sources.http import HttpSource
+from importer.transfer import OpenedSource, SourceOpener, run_transfer
 from uploader.config import ServerConfig
 from uploader.errors import (
     AlreadyExists,
@@ -34,6 +32,7 @@ from uploader.errors import (
     SpecImmutable,
 )
 from uploader.resources import Kind, validate_manifest
+from uploader.sources import ImportPlan, SourceNotReady, SourcePlanner
 from uploader.storage import Storage
 from uploader.store import Object, Store, key_of
 from uploader.tokens import ImageKey, TokenIndex, new_token, redact
@@ -47,17 +46,8 @@ READY = "Ready"
 FAILED = "Failed"
 TERMINATING = "Terminating"
 
-
-@dataclass
-class OpenedSource:
-    """A source, ready to stream: its bytes, their length when known, a file name if any."""
-
-    chunks: AsyncIterable[Buffer]
-    length: int | None
-    filename: str | None = None
-
-
-SourceOpener = Callable[[], AbstractAsyncContextManager[OpenedSource]]
+# How often an import that waits for its source looks again.
+SOURCE_POLL_INTERVAL = 0.5
 
 
 def now_rfc3339() -> str:
@@ -92,10 +82,15 @@ class ImageController:
         self.store = store
         self.metrics = metrics
         self.storage = Storage(config)
+        self.planner = SourcePlanner(config, store, self.storage)
         self.tokens = TokenIndex()
         self.ready_tokens = TokenIndex()
         self.transfers: dict[ImageKey, ActiveTransfer] = {}
-        self._import_tasks: set[asyncio.Task[None]] = set()
+        self._imports: dict[ImageKey, asyncio.Task[None]] = {}
+        # Images being read by an import; deleting one waits in Terminating until it is not.
+        self._readers: collections.Counter[ImageKey] = collections.Counter()
+        self._deferred_deletes: set[ImageKey] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self.external_base = ""
         self.in_cluster_base = ""
 
@@ -135,13 +130,14 @@ class ImageController:
         """Cancels every transfer; their images stay as they are and resume on start."""
         for transfer in list(self.transfers.values()):
             transfer.cancel(Conflict("the server is shutting down; upload again"))
-        for task in list(self._import_tasks):
+        for task in list(self._imports.values()):
             task.cancel()
         for transfer in list(self.transfers.values()):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(transfer.done.wait(), 30)
-        if self._import_tasks:
-            await asyncio.wait(self._import_tasks, timeout=30)
+        tasks = [*self._imports.values(), *self._background]
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
         await self.storage.close()
 
     # -- API ----------------------------------------------------------------------------
@@ -202,21 +198,64 @@ class ImageController:
     async def delete(self, kind: Kind, namespace: str | None, name: str) -> Object:
         obj = self.get(kind, namespace, name)
         key = key_of(obj)
+        if key in self._deferred_deletes:
+            return obj
         self.tokens.remove(key)
         self.ready_tokens.remove(key)
+        if self._readers[key]:
+            self._set_phase(
+                obj,
+                TERMINATING,
+                TERMINATING,
+                "The image is being deleted once the imports that read it end",
+            )
+            self._deferred_deletes.add(key)
+            return self.store.save(obj)
         self._set_phase(obj, TERMINATING, TERMINATING, "The image is being deleted")
         obj = self.store.save(obj)
         await self._cancel_transfer(key, NotFound("the image was deleted during the upload"))
+        await self._remove(obj)
+        return obj
+
+    async def _remove(self, obj: Object) -> None:
         await self.storage.remove_data(obj)
         self.metrics.forget(obj["metadata"]["uid"])
-        self.store.delete(key)
-        return obj
+        self.store.delete(key_of(obj))
 
     async def _cancel_transfer(self, key: ImageKey, reason: ApiError) -> None:
         transfer = self.transfers.get(key)
         if transfer is not None:
             transfer.cancel(reason)
             await transfer.done.wait()
+        waiting = self._imports.get(key)
+        if waiting is not None and waiting is not asyncio.current_task():
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await waiting
+
+    @contextlib.contextmanager
+    def _reading(self, key: ImageKey | None) -> Any:
+        """Marks the image `key` as read by an import, for the time of the block."""
+        if key is None:
+            yield
+            return
+        self._readers[key] += 1
+        try:
+            yield
+        finally:
+            self._readers[key] -= 1
+            if not self._readers[key]:
+                del self._readers[key]
+                if key in self._deferred_deletes:
+                    self._deferred_deletes.discard(key)
+                    task = asyncio.create_task(self._finish_deferred_delete(key))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+
+    async def _finish_deferred_delete(self, key: ImageKey) -> None:
+        obj = self.store.get(key)
+        if obj is not None:
+            await self._remove(obj)
 
     # -- starting an image ----------------------------------------------------------------
 
@@ -225,29 +264,18 @@ class ImageController:
         key = key_of(obj)
         source_type = obj["spec"]["dataSource"]["type"]
         obj["status"]["target"] = self.storage.target_status(obj)
-        start_import = False
-        try:
-            if source_type not in ("Upload", "HTTP"):
-                raise TransferError(
-                    f"dataSource.type {source_type} is not available on this server yet"
-                )
-        except TransferError as exc:
-            self._fail(obj, exc)
-        else:
-            if source_type == "Upload":
-                token = new_token()
-                obj["status"]["imageUploadURLs"] = {
-                    "external": f"{self.external_base}/upload/{token}",
-                    "inCluster": f"{self.in_cluster_base}/upload/{token}",
-                }
-                self.tokens.add(token, key)
-                self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", "Waiting for upload")
-                log.info("image %s waits for upload, token %s", "/".join(key), redact(token))
-            else:
-                start_import = True
+        if source_type == "Upload":
+            token = new_token()
+            obj["status"]["imageUploadURLs"] = {
+                "external": f"{self.external_base}/upload/{token}",
+                "inCluster": f"{self.in_cluster_base}/upload/{token}",
+            }
+            self.tokens.add(token, key)
+            self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", "Waiting for upload")
+            log.info("image %s waits for upload, token %s", "/".join(key), redact(token))
         obj["status"]["observedGeneration"] = obj["metadata"].get("generation", 1)
         obj = self.store.save(obj)
-        if start_import:
+        if source_type != "Upload":
             self._start_import(obj)
 
     @staticmethod
@@ -296,22 +324,79 @@ class ImageController:
     # -- imports --------------------------------------------------------------------------
 
     def _start_import(self, obj: Object) -> None:
+        key = key_of(obj)
         task = asyncio.create_task(self._run_import(obj))
-        self._import_tasks.add(task)
-        task.add_done_callback(self._import_tasks.discard)
+        self._imports[key] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._imports.get(key) is done:
+                del self._imports[key]
+
+        task.add_done_callback(forget)
 
     async def _run_import(self, obj: Object) -> None:
-        http = obj["spec"]["dataSource"]["http"]
-        ca_bundle = base64.b64decode(http["caBundle"]) if "caBundle" in http else None
+        try:
+            plan = await self._wait_for_source(obj)
+        except TransferError as exc:
+            current = self.store.get(key_of(obj))
+            if current is not None and current["metadata"]["uid"] == obj["metadata"]["uid"]:
+                self._fail(current, exc)
+                self.store.save(current)
+            return
+        try:
+            # The outcome is in the image's status; nobody waits for this task.
+            with self._reading(plan.source_image), contextlib.suppress(TransferError, ApiError):
+                if plan.copy_from is not None:
+                    await self._run_copy(obj, plan)
+                else:
+                    assert plan.open_source is not None
+                    await self._run_transfer(obj, plan.open_source)
+        finally:
+            plan.release()
 
-        @contextlib.asynccontextmanager
-        async def download() -> AsyncIterator[OpenedSource]:
-            async with HttpSource(http["url"], ca_bundle) as source:
-                yield OpenedSource(source.chunks(), source.length, urlparse(http["url"]).path)
+    async def _wait_for_source(self, obj: Object) -> ImportPlan:
+        """Plans the import, waiting in Pending (and saying why) while the source is not
+        ready to be read."""
+        shown = None
+        while True:
+            try:
+                return await self.planner.plan(obj)
+            except SourceNotReady as waiting:
+                if waiting.message != shown:
+                    shown = waiting.message
+                    current = self.store.get(key_of(obj)) or obj
+                    self._set_phase(current, PENDING, "ProvisioningNotStarted", waiting.message)
+                    obj = self.store.save(current)
+                await asyncio.sleep(SOURCE_POLL_INTERVAL)
 
-        # The outcome is in the image's status; nobody waits for this task.
-        with contextlib.suppress(TransferError, ApiError):
-            await self._run_transfer(obj, download)
+    async def _run_copy(self, obj: Object, plan: ImportPlan) -> None:
+        """One DVCR image into another without moving bytes: the new tag shares the blobs."""
+        assert plan.copy_from is not None
+        repo, tag = plan.copy_from
+        self._set_phase(obj, PROVISIONING, PROVISIONING, "Copying the image within DVCR")
+        obj = self.store.save(obj)
+        uid, generation = obj["metadata"]["uid"], obj["metadata"].get("generation", 1)
+        try:
+            await self.storage.copy_image(repo, tag, obj)
+        except TransferError as exc:
+            self._fail(obj, exc)
+            self.store.save(obj)
+            raise
+        current = self.store.get(key_of(obj))
+        if current is None or current["metadata"]["uid"] != uid:
+            await self.storage.remove_data(obj)  # deleted meanwhile
+            return
+        if current["metadata"].get("generation", 1) != generation:
+            return  # the spec changed meanwhile; its own import fills the image
+        obj = current
+        source = plan.source_status
+        obj["status"].update(
+            progress="100%",
+            **{k: source[k] for k in ("size", "format", "cdrom", "checksum") if k in source},
+        )
+        self._set_phase(obj, READY, READY, "The image is ready")
+        log.info("image %s is Ready: copied from %s:%s", "/".join(key_of(obj)), repo, tag)
+        self.store.save(obj)
 
     # -- the transfer ---------------------------------------------------------------------
 
@@ -329,14 +414,19 @@ class ImageController:
         self.transfers[key] = transfer
         self.metrics.active_transfers.inc()
         reporter = asyncio.create_task(self._report_progress(transfer))
+
+        async def open_sink(source: OpenedSource) -> Sink:
+            return await self.storage.open_sink(obj, source.length, source.filename)
+
         try:
             self._set_phase(obj, PROVISIONING, PROVISIONING, "Receiving the image")
             self.store.save(obj)
-            async with open_source() as source:
-                progress.total = source.length
-                options = self._pipeline_options(obj, source.length)
-                sink = await self.storage.open_sink(obj, source.length, source.filename)
-                result = await Pipeline(sink, options, progress).run(source.chunks)
+            result = await run_transfer(
+                open_source,
+                open_sink,
+                lambda source: self._pipeline_options(obj, source.length),
+                progress,
+            )
             self.metrics.received_bytes.inc(result.received_bytes)
             self.metrics.written_bytes.inc(result.written_bytes)
         except asyncio.CancelledError:
@@ -367,7 +457,7 @@ class ImageController:
 
     def _pipeline_options(self, obj: Object, expected_length: int | None) -> PipelineOptions:
         source = obj["spec"]["dataSource"]
-        field_name = {"Upload": "upload", "HTTP": "http"}.get(source["type"], "")
+        field_name = {"Upload": "upload", "HTTP": "http"}.get(source["type"], "none")
         expected = dict((source.get(field_name) or {}).get("checksum") or {})
         algorithms = list(self.config.checksums)
         for algorithm in ("sha256", "md5"):

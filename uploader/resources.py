@@ -173,7 +173,10 @@ def _validate_source(source: dict[str, Any], kind: Kind) -> None:
             _validate_ca_bundle(image["caBundle"], f"{field}.caBundle")
         if "imagePullSecret" in image:
             secret = _require_mapping(image["imagePullSecret"], f"{field}.imagePullSecret")
+            _reject_unknown(secret, ("name", "namespace"), f"{field}.imagePullSecret")
             validate_name(secret.get("name"), f"{field}.imagePullSecret.name")
+            if "namespace" in secret:
+                validate_namespace(secret["namespace"])
     else:
         ref = _require_mapping(source.get("objectRef"), field)
         _reject_unknown(ref, ("kind", "name", "namespace"), field)

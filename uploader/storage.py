@@ -59,15 +59,6 @@ def uses_pvc(obj: Object) -> bool:
     return obj.get("spec", {}).get("storage") == STORAGE_PVC
 
 
-def registry_url(dvcr: str) -> str:
-    """`host:port` without a scheme means plain HTTP on a loopback address, else HTTPS."""
-    if "://" in dvcr:
-        return dvcr.rstrip("/")
-    host = dvcr.rsplit(":", 1)[0].strip("[]")
-    loopback = host in ("localhost", "::1") or host.startswith("127.")
-    return f"{'http' if loopback else 'https'}://{dvcr.rstrip('/')}"
-
-
 class Storage:
     """The storage of one server: its DVCR and its claims."""
 
@@ -82,14 +73,13 @@ class Storage:
         config = self.config
         if not config.dvcr:
             return OciLayout(config.data_dir / "dvcr")
-        url = registry_url(config.dvcr)
         credentials = None
         if config.dvcr_auth_config:
-            host = url.split("://", 1)[1].rstrip("/")
-            credentials = Credentials.from_docker_config(config.dvcr_auth_config, host)
+            credentials = Credentials.from_docker_config(config.dvcr_auth_config, config.dvcr)
         ca_bundle = config.dvcr_ca_bundle.read_bytes() if config.dvcr_ca_bundle else None
+        # A DVCR named host:port is tried over HTTPS first (see importer/oci/endpoint.py).
         client = RegistryClient(
-            url, credentials=credentials, ca_bundle=ca_bundle, insecure=config.dvcr_insecure
+            config.dvcr, credentials=credentials, ca_bundle=ca_bundle, insecure=config.dvcr_insecure
         )
         return RegistryStore(client)
 
@@ -99,6 +89,26 @@ class Storage:
 
     def claim_dir(self, obj: Object) -> Path:
         return self.config.pvc_root / obj["metadata"]["namespace"] / claim_name(obj)
+
+    def _block_link(self, obj: Object) -> Path | None:
+        block = self.claim_dir(obj) / BLOCK_LINK
+        return block if block.is_symlink() or block.exists() else None
+
+    def claim_data_path(self, obj: Object) -> Path:
+        """Where a PVC image's raw disk is: the block device or file, else `disk.img`."""
+        block = self._block_link(obj)
+        return block.resolve() if block else self.claim_dir(obj) / "disk.img"
+
+    def disk_dir(self, namespace: str, name: str) -> Path:
+        """The claim directory of the VirtualDisk `name` (see uploader/sources.py)."""
+        return self.config.pvc_root / namespace / f"vd-{name}"
+
+    def disk_path(self, namespace: str, name: str) -> Path | None:
+        directory = self.disk_dir(namespace, name)
+        for path in (directory / BLOCK_LINK, directory / "disk.img"):
+            if path.exists():
+                return path.resolve()
+        return None
 
     def target_status(self, obj: Object) -> dict[str, str]:
         if uses_pvc(obj):
@@ -110,11 +120,10 @@ class Storage:
         return ImageDecoder(target, limits)
 
     def _claim_target(self, obj: Object) -> ClaimTarget:
-        directory = self.claim_dir(obj)
-        block = directory / BLOCK_LINK
-        if block.is_symlink() or block.exists():
+        block = self._block_link(obj)
+        if block is not None:
             return BlockClaimTarget(block.resolve())
-        return FileClaimTarget(directory, capacity=self.config.max_image_size)
+        return FileClaimTarget(self.claim_dir(obj), capacity=self.config.max_image_size)
 
     def check_length(self, obj: Object, length: int | None) -> None:
         """Raises 411 when the storage needs the length up front and it is not known."""
@@ -144,6 +153,10 @@ class Storage:
             validator,
         )
 
+    async def copy_image(self, repo: str, tag: str, obj: Object) -> None:
+        """Tags the DVCR image `repo:tag` as `obj`'s too: the blobs are shared, not copied."""
+        await self.dvcr.copy(repo, tag, dvcr_repo(obj), obj["metadata"]["uid"])
+
     def remove_partial(self, obj: Object) -> None:
         """Drops what an interrupted transfer left (after a crash the abort never ran)."""
         if uses_pvc(obj):
@@ -158,9 +171,9 @@ class Storage:
             except TransferError as exc:
                 log.warning("the DVCR tag of %s stays behind: %s", dvcr_repo(obj), exc.message)
             return
-        directory = self.claim_dir(obj)
-        if (directory / BLOCK_LINK).is_symlink() or (directory / BLOCK_LINK).exists():
+        if self._block_link(obj) is not None:
             return
+        directory = self.claim_dir(obj)
 
         def remove() -> None:
             shutil.rmtree(directory, ignore_errors=True)

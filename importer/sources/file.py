@@ -32,9 +32,24 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
     except OSError as exc:
         raise SourceUnreachable(f"cannot open {path}: {exc.strerror}") from None
     try:
-        while chunk := await asyncio.to_thread(os.read, fd, READ_CHUNK):
+        async for chunk in fd_chunks(fd, None, str(path)):
             yield chunk
-    except OSError as exc:
-        raise SourceUnreachable(f"reading {path} failed: {exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+async def fd_chunks(fd: int, length: int | None, name: str) -> AsyncIterator[bytes]:
+    """The bytes of an open file from offset 0, `length` of them or up to its end."""
+    offset = 0
+    try:
+        while length is None or offset < length:
+            want = READ_CHUNK if length is None else min(READ_CHUNK, length - offset)
+            chunk = await asyncio.to_thread(os.pread, fd, want, offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            yield chunk
+    except OSError as exc:
+        raise SourceUnreachable(f"reading {name} failed: {exc.strerror}") from None
+    if length is not None and offset < length:
+        raise SourceUnreachable(f"{name} ended after {offset} of {length} bytes")

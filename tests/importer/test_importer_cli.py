@@ -9,10 +9,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+from containerdisks import OCI_TAR_GZIP, Layout, disk_layer, make_qcow2, skopeo_push
 from diskimages import MiB, sha256_file, write_disk_image
+from dvcrimage import check_image, skopeo_copy
 from nginxproc import Nginx
+from registryproc import Registry
 from serverproc import free_port
 
 
@@ -120,3 +125,112 @@ def test_metrics_while_running(tmp_path: Path) -> None:
     finally:
         proc.kill()
     assert "registry_average_speed" in scraped
+
+
+# -- registries ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    running = Registry(tmp_path / "registry").start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_registry_image_into_a_claim(registry: Registry, tmp_path: Path) -> None:
+    qcow2 = make_qcow2(tmp_path, seed=91)
+    layout = Layout(tmp_path / "layout")
+    source = layout.tag("v1", layout.image([(disk_layer(qcow2), OCI_TAR_GZIP)]))
+    skopeo_push(source, f"{registry.host}/images/cirros:v1", cache_dir=tmp_path / "cache")
+    (tmp_path / "auth.json").write_text(json.dumps({"auths": {}}))
+    code, message = run_importer(
+        {
+            "IMPORTER_SOURCE": "registry",
+            "IMPORTER_ENDPOINT": f"docker://{registry.host}/images/cirros:v1",
+            "IMPORTER_AUTH_CONFIG": str(tmp_path / "auth.json"),
+            "IMPORTER_DESTINATION_ENDPOINT": str(tmp_path / "pvc"),
+        },
+        tmp_path,
+    )
+    assert code == 0, message
+    assert message["source-image-format"] == "qcow2"
+    assert message["source-image-size"] == len(qcow2)
+    assert message["checksum"]["sha256"] == hashlib.sha256(qcow2).hexdigest()
+    (tmp_path / "check.qcow2").write_bytes(qcow2)
+    compare = subprocess.run(
+        [
+            "qemu-img",
+            "compare",
+            "-f",
+            "qcow2",
+            "-F",
+            "raw",
+            tmp_path / "check.qcow2",
+            tmp_path / "pvc" / "disk.img",
+        ],
+        capture_output=True,
+    )
+    assert compare.returncode == 0, compare.stdout
+
+
+def test_http_into_a_registry_named_without_a_scheme(
+    registry: Registry, nginx: Nginx, tmp_path: Path
+) -> None:
+    sha256, _ = write_disk_image(nginx.files / "disk.img", 12 * MiB, seed=92)
+    # A plain-HTTP registry on loopback, named as host:port: HTTPS is tried, then HTTP.
+    code, message = run_importer(
+        {
+            "IMPORTER_SOURCE": "http",
+            "IMPORTER_ENDPOINT": f"{nginx.url}/disk.img",
+            "IMPORTER_DESTINATION_ENDPOINT": f"{registry.host}/vi/default/disk:uid-1",
+        },
+        tmp_path,
+    )
+    assert code == 0, message
+    out = tmp_path / "out"
+    manifest = skopeo_copy(
+        f"docker://{registry.host}/vi/default/disk:uid-1", out, "--src-tls-verify=false"
+    )
+    labels = check_image(out, manifest, sha256)
+    assert labels["checksum-sha256"] == sha256
+
+
+def test_dvcr_layout_image_into_a_claim(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    sha256, _ = write_disk_image(raw, 8 * MiB, seed=93)
+    layout_dir = tmp_path / "dvcr"
+    code, message = run_importer(
+        {
+            "IMPORTER_SOURCE": "filesystem",
+            "IMPORTER_ENDPOINT": str(raw),
+            "IMPORTER_DESTINATION_ENDPOINT": f"oci:{layout_dir}:vi/default/disk:u1",
+        },
+        tmp_path,
+    )
+    assert code == 0, message
+    code, message = run_importer(
+        {
+            "IMPORTER_SOURCE": "dvcr",
+            "IMPORTER_ENDPOINT": f"oci:{layout_dir}:vi/default/disk:u1",
+            "IMPORTER_DESTINATION_ENDPOINT": str(tmp_path / "pvc"),
+        },
+        tmp_path,
+    )
+    assert code == 0, message
+    assert message["checksum"]["sha256"] == sha256
+    assert sha256_file(tmp_path / "pvc" / "disk.img") == sha256
+
+
+def test_an_unreachable_registry_fails_with_its_cause(tmp_path: Path) -> None:
+    code, message = run_importer(
+        {
+            "IMPORTER_SOURCE": "registry",
+            "IMPORTER_ENDPOINT": f"127.0.0.1:{free_port()}/images/none:v1",
+            "IMPORTER_DESTINATION_ENDPOINT": str(tmp_path / "pvc"),
+        },
+        tmp_path,
+    )
+    assert code == 1
+    assert message["error-message"].startswith("SourceUnreachable")

@@ -1,0 +1,187 @@
+"""The two ends of an importer job: where the image comes from, where it goes.
+
+Sources (`IMPORTER_SOURCE`): `http` (a URL), `registry` (a containerDisk image,
+`[docker://]host/repo:tag`), `dvcr` (an image in DVCR: the same, or `oci:DIR:repo:tag` for
+an OCI layout directory), `filesystem` and `blockDevice` (a path).
+
+Destinations (`IMPORTER_DESTINATION_ENDPOINT`): a path is a PVC (a directory gets
+`disk.img`; an existing file or block device is written in place); `host[:port]/repo:tag`
+is a DVCR in a registry (a name without a scheme is tried over HTTPS first, see
+importer/oci/endpoint.py); `oci:DIR:repo:tag` is an OCI layout directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from importer.errors import TransferError
+from importer.formats.base import Limits, NullTarget
+from importer.formats.decoder import ImageDecoder
+from importer.oci.auth import Credentials
+from importer.oci.endpoint import connect_registry
+from importer.oci.layer import safe_filename
+from importer.oci.layout import OciLayout
+from importer.oci.reference import Reference
+from importer.oci.registry_store import RegistryStore
+from importer.pipeline import Sink
+from importer.sinks.dvcr import DvcrSink, ImageStore
+from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
+from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
+from importer.sources.container_image import open_container_image
+from importer.sources.file import file_chunks, source_length
+from importer.sources.http import HttpSource
+from importer.transfer import OpenedSource, SourceOpener
+
+
+class EndpointError(TransferError):
+    """The job's configuration names an endpoint that cannot be used."""
+
+
+@dataclass
+class RegistrySettings:
+    auth_config: str | None
+    ca_bundle: bytes | None
+    insecure: bool
+
+
+def _credentials(auth_config: str | None, host: str) -> Credentials | None:
+    return Credentials.from_docker_config(auth_config, host) if auth_config else None
+
+
+def _split_oci(text: str) -> tuple[Path, str, str]:
+    """`oci:DIR:repo:tag` -> (DIR, repo, tag)."""
+    body = text.removeprefix("oci:")
+    directory, _, ref = body.partition(":")
+    repo, _, tag = ref.rpartition(":")
+    if not directory or not repo or not tag:
+        raise EndpointError(f"{text!r} is not oci:DIRECTORY:REPOSITORY:TAG")
+    return Path(directory), repo, tag
+
+
+def source_opener(kind: str, endpoint: str, settings: RegistrySettings) -> SourceOpener:
+    if kind == "http":
+        return _http(endpoint, settings)
+    if kind == "dvcr" and endpoint.startswith("oci:"):
+        return _layout_image(endpoint)
+    if kind in ("registry", "dvcr"):
+        return _registry_image(endpoint.removeprefix("docker://"), settings)
+    return _file(Path(endpoint))
+
+
+def _http(url: str, settings: RegistrySettings) -> SourceOpener:
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[OpenedSource]:
+        async with HttpSource(url, settings.ca_bundle, insecure=settings.insecure) as http:
+            yield OpenedSource(http.chunks(), http.length, urlparse(url).path)
+
+    return opened
+
+
+def _registry_image(image: str, settings: RegistrySettings) -> SourceOpener:
+    credentials = _credentials(settings.auth_config, Reference.parse(image).endpoint_host)
+
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[OpenedSource]:
+        async with open_container_image(
+            image,
+            credentials=credentials,
+            ca_bundle=settings.ca_bundle,
+            insecure=settings.insecure,
+        ) as disk:
+            yield OpenedSource(disk.chunks, disk.size, disk.filename)
+
+    return opened
+
+
+def _layout_image(endpoint: str) -> SourceOpener:
+    directory, repo, tag = _split_oci(endpoint)
+
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[OpenedSource]:
+        async with OciLayout(directory).open_disk(repo, tag) as disk:
+            yield OpenedSource(disk.chunks, disk.size, disk.filename)
+
+    return opened
+
+
+def _file(path: Path) -> SourceOpener:
+    @contextlib.asynccontextmanager
+    async def opened() -> AsyncIterator[OpenedSource]:
+        yield OpenedSource(file_chunks(path), source_length(path), path.name)
+
+    return opened
+
+
+class Destination:
+    """Opens a sink per attempt; `close` ends what the destination holds (a connection)."""
+
+    def __init__(self, endpoint: str, settings: RegistrySettings, limits: Limits) -> None:
+        self.endpoint = endpoint
+        self.settings = settings
+        self.limits = limits
+        self._store: ImageStore | None = None
+        self._repo = self._tag = ""
+
+    @property
+    def is_volume(self) -> bool:
+        return self.endpoint.startswith(("/", "."))
+
+    async def open_sink(self, source: OpenedSource) -> Sink:
+        if self.is_volume:
+            return self._volume_sink()
+        if source.length is None:
+            raise EndpointError(
+                "a DVCR destination needs the image's length before its data, and the "
+                "source did not say it"
+            )
+        store = await self._dvcr()
+        validator = ImageDecoder(NullTarget(self.limits.max_virtual_size), self.limits)
+        return await DvcrSink.open(
+            store,
+            self._repo,
+            self._tag,
+            safe_filename(source.filename),
+            source.length,
+            validator,
+        )
+
+    def _volume_sink(self) -> Sink:
+        path = Path(self.endpoint)
+        target: ClaimTarget
+        if path.is_dir() or not path.exists():
+            target = FileClaimTarget(path, capacity=self.limits.max_virtual_size)
+        else:
+            target = BlockClaimTarget(path)
+        rate = sink_rate_from_env()
+        if rate:
+            target = ThrottledTarget(target, rate)  # type: ignore[assignment]
+        return PvcSink(target, ImageDecoder(target, self.limits))
+
+    async def _dvcr(self) -> ImageStore:
+        if self._store is not None:
+            return self._store
+        if self.endpoint.startswith("oci:"):
+            directory, self._repo, self._tag = _split_oci(self.endpoint)
+            self._store = OciLayout(directory)
+            return self._store
+        reference = Reference.parse(self.endpoint)
+        if reference.tag is None:
+            raise EndpointError(f"the destination {self.endpoint!r} needs a tag")
+        self._repo, self._tag = reference.repository, reference.tag
+        host = reference.endpoint_host
+        client = await connect_registry(
+            host,
+            credentials=_credentials(self.settings.auth_config, host),
+            ca_bundle=self.settings.ca_bundle,
+            insecure=self.settings.insecure,
+        )
+        self._store = RegistryStore(client)
+        return self._store
+
+    async def close(self) -> None:
+        if isinstance(self._store, RegistryStore):
+            await self._store.close()
