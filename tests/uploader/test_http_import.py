@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
-from diskimages import MiB, sha256_file, write_disk_image
+from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
+from flakyhttp import CuttingProxy, Faults, FlakyServer
 from nginxproc import Nginx
 from serverproc import Server
 
@@ -60,3 +63,79 @@ def test_http_import_unreachable(server: Server, nginx: Nginx, path: str | None)
     assert obj["status"]["phase"] == "Failed"
     assert condition["reason"] == "SourceUnreachable"
     assert ("404" in condition["message"]) if path else ("cannot reach" in condition["message"])
+
+
+# -- every format, both storages ------------------------------------------------------------
+
+FORMATS = {
+    "qcow2": ("qcow2", ()),
+    "vmdk": ("vmdk", ("-o", "subformat=streamOptimized")),
+    "vhd": ("vpc", ()),
+    "vhdx": ("vhdx", ()),
+    "vdi": ("vdi", ()),
+}
+
+
+@pytest.mark.parametrize("storage", ["PersistentVolumeClaim", "ContainerRegistry"])
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_format_into_each_storage(
+    server: Server, nginx: Nginx, tmp_path: Path, name: str, storage: str
+) -> None:
+    raw = tmp_path / "disk.raw"
+    raw_sha256, _ = write_disk_image(raw, 12 * MiB, seed=24)
+    fmt, options = FORMATS[name]
+    image = qemu_convert(raw, fmt, nginx.files / f"disk.{name}", *options)
+    doc = http_manifest("img", f"{nginx.url}/disk.{name}")
+    doc["spec"]["storage"] = storage
+    server.create(doc)
+    obj = server.wait_phase("img", ("Ready", "Failed"))
+    status = obj["status"]
+    assert status["phase"] == "Ready", status
+    assert status["format"] == name
+    assert status["checksum"]["sha256"] == sha256_file(image)
+    assert int(status["size"]["unpackedBytes"]) >= 12 * MiB
+    if storage == "PersistentVolumeClaim":
+        disk = server.claim_dir("img") / "disk.img"
+        with open(disk, "r+b") as f:
+            f.truncate(12 * MiB)  # vhd rounds the size up to its geometry
+        assert sha256_file(disk) == raw_sha256
+
+
+# -- broken downloads -------------------------------------------------------------------------
+
+
+async def test_a_cut_download_continues_with_ranges(
+    server: Server, nginx: Nginx, tmp_path: Path
+) -> None:
+    raw = tmp_path / "disk.raw"
+    raw_sha256, _ = write_disk_image(raw, 24 * MiB, seed=25)
+    qcow2 = qemu_convert(raw, "qcow2", nginx.files / "disk.qcow2")
+    for name, storage in (("in-pvc", "PersistentVolumeClaim"), ("in-dvcr", "ContainerRegistry")):
+        async with CuttingProxy(nginx.port, cut_after=5 * MiB, cuts=2) as proxy:
+            doc = http_manifest(name, proxy.url("/disk.qcow2"))
+            doc["spec"]["storage"] = storage
+            server.create(doc)
+            obj = await asyncio.to_thread(server.wait_phase, name, ("Ready", "Failed"))
+            assert proxy.cut == 2
+        assert obj["status"]["phase"] == "Ready", obj["status"]
+        assert obj["status"]["checksum"]["sha256"] == sha256_file(qcow2)
+    assert sha256_file(server.claim_dir("in-pvc") / "disk.img") == raw_sha256
+    log = server.log_path.read_text()
+    assert log.count("trying again at byte") == 4
+    assert "trying again at byte 0 " not in log
+
+
+async def test_a_download_that_cannot_continue_starts_over(server: Server, tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw_sha256, _ = write_disk_image(raw, 8 * MiB, seed=26)
+    data = raw.read_bytes()
+    # No Range support, and the first answer breaks off halfway: only starting over helps.
+    faults = Faults(ranges=False, drop_after=4 * MiB, drops=1)
+    async with FlakyServer(data, faults) as flaky:
+        server.create(http_manifest("again", flaky.url))
+        obj = await asyncio.to_thread(server.wait_phase, "again", ("Ready", "Failed"))
+        assert len(flaky.requests) == 2
+    assert obj["status"]["phase"] == "Ready", obj["status"]
+    assert obj["status"]["checksum"]["sha256"] == raw_sha256
+    assert sha256_file(server.claim_dir("again") / "disk.img") == raw_sha256
+    assert "starting the transfer over" in server.log_path.read_text()
