@@ -30,27 +30,36 @@ http {{
     scgi_temp_path {root}/scgi;
     server {{
         listen 127.0.0.1:{port};
+        {tls}
         root {files};
     }}
 }}
 """
+TLS = "listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key {key};"
 
 
 class Nginx:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, tls: tuple[Path, Path] | None = None) -> None:
+        """`tls` (certificate, key) adds an HTTPS listener at `https_url`."""
         self.root = root
         self.files = root / "files"
         self.files.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_port = free_port() if tls else 0
+        self.https_url = f"https://127.0.0.1:{self.tls_port}"
+        self._tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Nginx:
         config = self.root / "nginx.conf"
         # Workers read the test's private temp dir, so they run as whoever runs the test.
         user = "user root;" if os.geteuid() == 0 else ""
+        tls = ""
+        if self._tls:
+            tls = TLS.format(port=self.tls_port, cert=self._tls[0], key=self._tls[1])
         config.write_text(
-            CONFIG.format(user=user, root=self.root, port=self.port, files=self.files)
+            CONFIG.format(user=user, root=self.root, port=self.port, files=self.files, tls=tls)
         )
         self.proc = subprocess.Popen([NGINX, "-c", str(config), "-p", str(self.root)])
         deadline = time.monotonic() + 10

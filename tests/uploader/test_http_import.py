@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
 from flakyhttp import CuttingProxy, Faults, FlakyServer
 from nginxproc import Nginx
 from serverproc import Server
+from testcerts import make_ca, make_server_cert
 
 
 def http_manifest(name: str, url: str, **http: Any) -> dict[str, Any]:
@@ -139,3 +142,38 @@ async def test_a_download_that_cannot_continue_starts_over(server: Server, tmp_p
     assert obj["status"]["checksum"]["sha256"] == raw_sha256
     assert sha256_file(server.claim_dir("again") / "disk.img") == raw_sha256
     assert "starting the transfer over" in server.log_path.read_text()
+
+
+@pytest.fixture
+def https_nginx(tmp_path: Path) -> Iterator[tuple[Nginx, bytes]]:
+    """nginx with an HTTPS listener whose certificate comes from a CA made for the test;
+    yields it and the CA's PEM."""
+    ca = make_ca()
+    leaf = make_server_cert(ca)
+    (tmp_path / "tls.crt").write_bytes(leaf.cert_pem)
+    (tmp_path / "tls.key").write_bytes(leaf.key_pem)
+    srv = Nginx(tmp_path / "https-nginx", tls=(tmp_path / "tls.crt", tmp_path / "tls.key"))
+    srv.start()
+    try:
+        yield srv, ca.cert_pem
+    finally:
+        srv.stop()
+
+
+def test_https_import_with_the_ca_bundle(
+    server: Server, https_nginx: tuple[Nginx, bytes], tmp_path: Path
+) -> None:
+    nginx, ca_pem = https_nginx
+    sha256, _ = write_disk_image(nginx.files / "disk.img", 8 * MiB, seed=27)
+    url = f"{nginx.https_url}/disk.img"
+    server.create(http_manifest("trusted", url, caBundle=base64.b64encode(ca_pem).decode()))
+    server.create(http_manifest("untrusted", url))
+    trusted = server.wait_phase("trusted", ("Ready", "Failed"))
+    assert trusted["status"]["phase"] == "Ready", trusted["status"]
+    assert sha256_file(server.claim_dir("trusted") / "disk.img") == sha256
+    untrusted = server.wait_phase("untrusted", ("Ready", "Failed"))
+    condition = untrusted["status"]["conditions"][0]
+    assert untrusted["status"]["phase"] == "Failed"
+    assert condition["reason"] == "SourceUnreachable"
+    assert "certificate" in condition["message"].lower(), condition["message"]
+    assert not (server.claim_dir("untrusted") / "disk.img").exists()
