@@ -32,6 +32,22 @@ def parse_size(text: str) -> int:
     return int(number) * _SIZE_SUFFIXES[suffix]
 
 
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `15m`, `24h`, `7d`; `0` means never."""
+    value = text.strip().lower()
+    unit = value[-1:] if value[-1:] in _DURATION_UNITS else "s"
+    number = value.removesuffix(unit) if value[-1:] in _DURATION_UNITS else value
+    try:
+        return float(number) * _DURATION_UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration like 90s, 15m or 24h"
+        ) from None
+
+
 def _client_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     default = argparse.SUPPRESS if suppress else None
     parser.add_argument(
@@ -80,6 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--md5", action="store_true", help="compute md5 of every image, not only when asked"
     )
+    serve.add_argument(
+        "--upload-grace",
+        type=parse_duration,
+        default=ServerConfig.upload_grace,
+        help="how long an upload that broke off waits to be continued (default 15m)",
+    )
+    serve.add_argument(
+        "--upload-idle-timeout",
+        type=parse_duration,
+        default=ServerConfig.upload_idle_timeout,
+        help="cut a request that sends nothing for this long; it stays resumable (default 2m)",
+    )
+    serve.add_argument(
+        "--wait-for-upload-timeout",
+        type=parse_duration,
+        default=ServerConfig.wait_for_upload_timeout,
+        help="fail an image that waits this long for its upload; 0: never (default 24h)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     apply = commands.add_parser("apply", help="create or update images", parents=[common])
@@ -104,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("url", help="the image's upload URL")
     upload.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     upload.add_argument("-k", "--insecure", action="store_true", help="do not verify TLS")
+    upload.add_argument(
+        "--retries",
+        type=int,
+        default=10,
+        metavar="N",
+        help="tries after a failure before giving up; they start over whenever the server "
+        "took more bytes (default 10)",
+    )
+    upload.add_argument(
+        "--retry-wait",
+        type=parse_duration,
+        default=1.0,
+        metavar="SECONDS",
+        help="the first pause before trying again, doubled each time up to 30s (default 1)",
+    )
     return parser
 
 
@@ -137,6 +186,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         max_image_size=args.max_image_size,
         checksums=("sha256", "md5") if args.md5 else ("sha256",),
+        upload_grace=args.upload_grace,
+        upload_idle_timeout=args.upload_idle_timeout,
+        wait_for_upload_timeout=args.wait_for_upload_timeout,
     )
     try:
         import uvloop
@@ -311,7 +363,16 @@ def cmd_upload(args: argparse.Namespace) -> int:
     from uploader.upload_client import UploadFailed, upload
 
     try:
-        answer = asyncio.run(upload(args.file, args.url, quiet=args.quiet, insecure=args.insecure))
+        answer = asyncio.run(
+            upload(
+                args.file,
+                args.url,
+                quiet=args.quiet,
+                insecure=args.insecure,
+                retries=args.retries,
+                retry_wait=args.retry_wait,
+            )
+        )
     except UploadFailed as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code

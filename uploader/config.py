@@ -35,6 +35,12 @@ class ServerConfig:
     # Checksums computed for every transfer; md5 is added per image when its spec asks.
     checksums: tuple[str, ...] = ("sha256",)
     status_interval: float = 0.5  # seconds between progress updates of a transfer
+    # An upload that broke off waits this long, with all it took, for a request to continue.
+    upload_grace: float = 15 * 60
+    # A request that delivers nothing for this long is cut; the upload stays resumable.
+    upload_idle_timeout: float = 120
+    # An image that waits for its upload longer than this fails (0: forever).
+    wait_for_upload_timeout: float = 24 * 3600
     extra: dict[str, str] = field(default_factory=dict)
 
     @property

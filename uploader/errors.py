@@ -53,6 +53,11 @@ class AlreadyExists(ApiError):
     reason = "AlreadyExists"
 
 
+class RequestTimeout(ApiError):
+    code = 408
+    reason = "RequestTimeout"
+
+
 class LengthRequired(ApiError):
     code = 411
     reason = "LengthRequired"

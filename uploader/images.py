@@ -11,7 +11,7 @@ import collections
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +31,7 @@ from uploader.errors import (
     NotFound,
     SpecImmutable,
 )
+from uploader.feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
 from uploader.resources import Kind, validate_manifest
 from uploader.sources import ImportPlan, SourceNotReady, SourcePlanner
 from uploader.storage import Storage
@@ -50,8 +51,37 @@ TERMINATING = "Terminating"
 SOURCE_POLL_INTERVAL = 0.5
 
 
+def offset_headers(offset: int) -> dict[str, str]:
+    return {"Upload-Offset": str(offset), "Tus-Resumable": "1.0.0"}
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+@dataclass
+class UploadPart:
+    """One request's part of an upload."""
+
+    chunks: AsyncIterator[Buffer]
+    start: int  # the offset of its first byte
+    total: int | None  # the image's length, when the request says it
+    whole: bool  # the whole image from byte 0 (no Content-Range, no Upload-Offset)
+    wrong_offset: Callable[[int], ApiError]  # the answer to a part at the wrong offset
+    filename: str | None = None
+
+
+RFC3339 = "%Y-%m-%dT%H:%M:%SZ"
+
+
+class UploadTimedOut(TransferError):
+    reason = "WaitForUserUploadTimeout"
+    http_status = 408
+
+
 def now_rfc3339() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime(RFC3339)
 
 
 def image_key(kind: Kind, namespace: str | None, name: str) -> ImageKey:
@@ -67,6 +97,7 @@ class ActiveTransfer:
     generation: int
     progress: Progress
     task: asyncio.Task[Any] | None
+    feed: UploadFeed | None = None  # an upload's bytes, across the requests that carry them
     cancelled_by: ApiError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -91,6 +122,7 @@ class ImageController:
         self._readers: collections.Counter[ImageKey] = collections.Counter()
         self._deferred_deletes: set[ImageKey] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._expirer: asyncio.Task[None] | None = None
         self.external_base = ""
         self.in_cluster_base = ""
 
@@ -102,6 +134,29 @@ class ImageController:
         self.in_cluster_base = (self.config.in_cluster_url or own_base_url).rstrip("/")
         for obj in self.store.all():
             await self._recover(obj)
+        if self.config.wait_for_upload_timeout > 0:
+            self._expirer = asyncio.create_task(self._expire_waiting_uploads())
+
+    async def _expire_waiting_uploads(self) -> None:
+        """Fails images that waited for their upload longer than the server allows."""
+        timeout = self.config.wait_for_upload_timeout
+        while True:
+            await asyncio.sleep(min(30.0, max(timeout / 4, 0.2)))
+            now = datetime.now(UTC)
+            for obj in self.store.all():
+                if obj["status"].get("phase") != WAIT_FOR_UPLOAD or key_of(obj) in self.transfers:
+                    continue
+                ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+                since = datetime.strptime(ready["lastTransitionTime"], RFC3339).replace(tzinfo=UTC)
+                if (now - since).total_seconds() >= timeout:
+                    self._fail(
+                        obj,
+                        UploadTimedOut(
+                            f"no upload arrived within {timeout:g} s; delete the image and "
+                            "create it again to upload"
+                        ),
+                    )
+                    self.store.save(obj)
 
     async def _recover(self, obj: Object) -> None:
         key = key_of(obj)
@@ -128,6 +183,8 @@ class ImageController:
 
     async def stop(self) -> None:
         """Cancels every transfer; their images stay as they are and resume on start."""
+        if self._expirer is not None:
+            self._expirer.cancel()
         for transfer in list(self.transfers.values()):
             transfer.cancel(Conflict("the server is shutting down; upload again"))
         for task in list(self._imports.values()):
@@ -287,7 +344,7 @@ class ImageController:
 
     def find_upload(self, token: str) -> Object:
         """The image a token uploads to; raises 404 for unknown or expired tokens and 409
-        for an image that is already Ready or busy."""
+        for an image that is already Ready."""
         key = self.tokens.find(token)
         if key is None:
             ready = self.ready_tokens.find(token)
@@ -299,27 +356,78 @@ class ImageController:
         obj = self.store.get(key)
         if obj is None:
             raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
-        if key in self.transfers:
-            raise Conflict("another upload to this image is in progress")
+        return obj
+
+    def upload_offset(self, key: ImageKey) -> int:
+        """The bytes of the image taken so far, where an upload continues."""
+        transfer = self.transfers.get(key)
+        return transfer.feed.offset if transfer is not None and transfer.feed else 0
+
+    def check_part(self, token: str, part: UploadPart) -> Object:
+        """Refuses, before its body is sent, a part that cannot be taken now."""
+        obj = self.find_upload(token)
+        transfer = self.transfers.get(key_of(obj))
+        feed = transfer.feed if transfer is not None else None
+        if feed is not None and feed.attached is not None and not feed.attached.stalled:
+            raise Conflict(
+                "another upload to this image is in progress",
+                headers=offset_headers(feed.offset),
+            )
+        if not part.whole and part.start != self.upload_offset(key_of(obj)):
+            raise part.wrong_offset(self.upload_offset(key_of(obj)))
         return obj
 
     def transfer_of(self, key: ImageKey) -> ActiveTransfer | None:
         return self.transfers.get(key)
 
-    async def run_upload(
-        self,
-        token: str,
-        source: AsyncIterable[Buffer],
-        expected_length: int | None,
-        filename: str | None = None,
-    ) -> Object:
-        obj = self.find_upload(token)
+    async def receive(self, token: str, part: UploadPart) -> tuple[BodyEnd, Object | None]:
+        """Takes one request's part of an upload. Returns how its body ended and, when the
+        image is complete, the image (Ready; errors are raised)."""
+        obj = self.check_part(token, part)
+        key = key_of(obj)
+        transfer = self.transfers.get(key)
+        if transfer is not None and (transfer.feed is None or part.whole):
+            # A whole-image request starts over what an earlier one left parked.
+            await self._cancel_transfer(key, Conflict("the upload started over from byte 0"))
+            transfer = None
+        if transfer is None:
+            if part.start != 0:
+                raise part.wrong_offset(0)
+            transfer = self._start_upload(obj, part)
+        assert transfer.feed is not None and transfer.task is not None
+        try:
+            body = await transfer.feed.attach(part.chunks, part.start, part.total, part.whole)
+        except Busy:
+            raise Conflict(
+                "another upload to this image is in progress",
+                headers=offset_headers(transfer.feed.offset),
+            ) from None
+        except OffsetMismatch as exc:
+            raise part.wrong_offset(exc.offset) from None
+        await asyncio.wait({body.end, transfer.task}, return_when=asyncio.FIRST_COMPLETED)
+        how = body.end.result() if body.end.done() else BodyEnd.STOPPED
+        if how in (BodyEnd.COMPLETE, BodyEnd.STOPPED) or transfer.task.done():
+            return BodyEnd.COMPLETE, await asyncio.shield(transfer.task)
+        return how, None
+
+    def _start_upload(self, obj: Object, part: UploadPart) -> ActiveTransfer:
+        transfer = self._new_transfer(obj)
+        feed = UploadFeed(
+            part.total,
+            self.config.upload_grace,
+            self.config.upload_idle_timeout,
+            on_park=lambda how: self._on_park(transfer, how),
+        )
+        transfer.feed = feed
 
         @contextlib.asynccontextmanager
         async def body() -> AsyncIterator[OpenedSource]:
-            yield OpenedSource(source, expected_length, filename)
+            yield OpenedSource(feed.chunks(), feed.total, part.filename)
 
-        return await self._run_transfer(obj, body)
+        task = asyncio.create_task(self._run_transfer(transfer, obj, body))
+        task.add_done_callback(_retrieve)  # the outcome is in the status, if nobody asks
+        transfer.task = task
+        return transfer
 
     # -- imports --------------------------------------------------------------------------
 
@@ -350,7 +458,7 @@ class ImageController:
                     await self._run_copy(obj, plan)
                 else:
                     assert plan.open_source is not None
-                    await self._run_transfer(obj, plan.open_source)
+                    await self._run_transfer(self._new_transfer(obj), obj, plan.open_source)
         finally:
             plan.release()
 
@@ -400,18 +508,47 @@ class ImageController:
 
     # -- the transfer ---------------------------------------------------------------------
 
-    async def _run_transfer(self, obj: Object, open_source: SourceOpener) -> Object:
-        """Runs one transfer into the image and records its outcome in the status."""
-        key = key_of(obj)
-        progress = Progress()
+    def _on_park(self, transfer: ActiveTransfer, how: BodyEnd | None) -> None:
+        """An upload waits for its next part (`how` its last one ended), or continues."""
+        obj = self._current(transfer)
+        if obj is None or transfer.feed is None:
+            return
+        offset = transfer.feed.offset
+        if how is None:
+            self._set_phase(
+                obj, PROVISIONING, PROVISIONING, f"Receiving the image from byte {offset}"
+            )
+        else:
+            total = transfer.feed.total
+            of_total = f" of {total}" if total is not None else ""
+            self._set_phase(
+                obj,
+                WAIT_FOR_UPLOAD,
+                "WaitForUserUpload",
+                f"The upload stopped at byte {offset}{of_total} ({how.value}); continue it "
+                "from there: HEAD the upload URL for Upload-Offset, then "
+                "curl -C OFFSET -T FILE URL",
+            )
+        self.store.save(obj, durable=False)
+
+    def _new_transfer(self, obj: Object) -> ActiveTransfer:
         transfer = ActiveTransfer(
-            key,
+            key_of(obj),
             obj["metadata"]["uid"],
             obj["metadata"].get("generation", 1),
-            progress,
-            asyncio.current_task(),
+            Progress(),
+            None,
         )
-        self.transfers[key] = transfer
+        self.transfers[transfer.key] = transfer
+        return transfer
+
+    async def _run_transfer(
+        self, transfer: ActiveTransfer, obj: Object, open_source: SourceOpener
+    ) -> Object:
+        """Runs one transfer into the image and records its outcome in the status."""
+        key = transfer.key
+        progress = transfer.progress
+        transfer.task = asyncio.current_task()
         self.metrics.active_transfers.inc()
         reporter = asyncio.create_task(self._report_progress(transfer))
 

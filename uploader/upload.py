@@ -20,12 +20,15 @@ from uploader.api import CONTROLLER
 from uploader.errors import (
     ApiError,
     BadRequest,
-    MethodNotAllowed,
+    Conflict,
     NotFound,
     RangeNotSatisfiable,
+    RequestTimeout,
+    UnsupportedMediaType,
     status_response,
 )
-from uploader.images import READY, ImageController
+from uploader.feed import BodyEnd
+from uploader.images import READY, ImageController, UploadPart, offset_headers
 from uploader.store import Object, key_of
 
 TUS_VERSION = "1.0.0"
@@ -73,29 +76,58 @@ async def _multipart_file(request: web.Request) -> AsyncIterator[bytes]:
         yield chunk
 
 
-def _expected_length(request: web.Request) -> int | None:
-    """The image's total length, from Content-Range or Content-Length, when known."""
+def _wrong_range(offset: int) -> ApiError:
+    return RangeNotSatisfiable(
+        f"the upload continues at byte {offset}: send Content-Range: bytes {offset}-LAST/TOTAL "
+        f"(curl -C {offset} -T FILE URL)",
+        headers=offset_headers(offset),
+    )
+
+
+def _wrong_tus_offset(offset: int) -> ApiError:
+    return Conflict(
+        f"the upload continues at byte {offset}, not at the Upload-Offset sent",
+        headers=offset_headers(offset),
+    )
+
+
+def _header_number(request: web.Request, name: str) -> int | None:
+    value = request.headers.get(name)
+    if value is None:
+        return None
+    if not value.strip().isdigit():
+        raise BadRequest(f'{name} "{value}" is not a number of bytes')
+    return int(value)
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""
+
+
+def _part(request: web.Request, chunks: AsyncIterator[bytes] | None = None) -> UploadPart:
+    """What a request carries: where its bytes go, and the image's length when it says."""
+    chunks = chunks or _nothing()
+    if request.method == "PATCH":
+        if request.content_type != "application/offset+octet-stream":
+            raise UnsupportedMediaType(
+                "a tus PATCH needs Content-Type: application/offset+octet-stream"
+            )
+        start = _header_number(request, "Upload-Offset")
+        if start is None:
+            raise BadRequest("a tus PATCH needs Upload-Offset")
+        total = _header_number(request, "Upload-Length")
+        return UploadPart(chunks, start, total, False, _wrong_tus_offset)
     content_range = request.headers.get("Content-Range")
     if content_range is None:
-        return request.content_length
+        return UploadPart(chunks, 0, request.content_length, True, _wrong_range)
     match = _CONTENT_RANGE.match(content_range.strip())
     if match is None:
         raise BadRequest(f'Content-Range "{content_range}" is not "bytes FIRST-LAST/TOTAL"')
     first, last, total = (int(g) for g in match.groups())
-    if first != 0:
-        # Nothing of an earlier attempt is kept, so the only offset to continue at is 0.
-        raise _wrong_offset(first)
-    if last >= total or (request.content_length not in (None, last + 1)):
+    if first > last or last >= total or request.content_length not in (None, last - first + 1):
         raise BadRequest(f'Content-Range "{content_range}" does not match the body')
-    return total
-
-
-def _wrong_offset(offset: int) -> ApiError:
-    return RangeNotSatisfiable(
-        f"the upload cannot continue at byte {offset}: this server has taken 0 bytes of "
-        "this image; upload it whole from byte 0",
-        headers={"Upload-Offset": "0", "Tus-Resumable": TUS_VERSION},
-    )
+    return UploadPart(chunks, first, total, False, _wrong_range)
 
 
 def _check_size(request: web.Request, controller: ImageController) -> None:
@@ -105,14 +137,27 @@ def _check_size(request: web.Request, controller: ImageController) -> None:
         raise ImageTooLarge(f"the upload of {length} bytes exceeds the limit of {limit} bytes")
 
 
+def _check_length(controller: ImageController, obj: Object, part: UploadPart) -> None:
+    """ContainerRegistry storage needs the length before the first byte (411 without)."""
+    known = part.total
+    if known is None and not part.whole:
+        transfer = controller.transfer_of(key_of(obj))
+        known = transfer.feed.total if transfer and transfer.feed else None
+    controller.storage.check_length(obj, known)
+
+
 async def check_before_body(request: web.Request) -> web.StreamResponse | None:
-    """Expect handler: refuse a bad token or a busy image before the body is sent."""
+    """Expect handler: refuse a bad token, a busy image or a wrong offset before the body
+    is sent."""
     controller = _controller(request)
     try:
-        obj = controller.find_upload(request.match_info["token"])
         _check_size(request, controller)
         if request.content_type != "multipart/form-data":
-            controller.storage.check_length(obj, _expected_length(request))
+            part = _part(request)
+            obj = controller.check_part(request.match_info["token"], part)
+            _check_length(controller, obj, part)
+        else:
+            controller.find_upload(request.match_info["token"])
     except ApiError as exc:
         return status_response(exc.code, exc.reason, exc.message, exc.headers)
     except TransferError as exc:
@@ -127,17 +172,19 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
 def _upload_state(controller: ImageController, obj: Object) -> tuple[dict[str, object], int | None]:
     """What GET answers, and the image's total length when known."""
     status = obj.get("status", {})
-    transfer = controller.transfer_of(key_of(obj))
-    offset, length = 0, None
-    if transfer is not None:
-        offset, length = transfer.progress.done, transfer.progress.total
+    key = key_of(obj)
+    transfer = controller.transfer_of(key)
+    offset, length = controller.upload_offset(key), None
+    if transfer is not None and transfer.feed is not None:
+        length = transfer.feed.total
     if status.get("phase") == READY:
-        offset = length = controller.store.received(key_of(obj))
+        offset = length = controller.store.received(key)
     state = {"phase": status.get("phase"), "offset": offset, "progress": status.get("progress", "")}
     return state, length
 
 
-async def put(request: web.Request) -> web.Response:
+async def put(request: web.Request) -> web.StreamResponse:
+    """PUT, POST and tus PATCH: one request's part of the image."""
     controller = _controller(request)
     token = request.match_info["token"]
     obj = controller.find_upload(token)
@@ -145,23 +192,43 @@ async def put(request: web.Request) -> web.Response:
     if request.content_type == "multipart/form-data":
         if request.method != "POST":
             raise BadRequest("multipart/form-data uploads use POST")
-        length = None
-        source = _chunks(_multipart_file(request), None)
+        chunks = _chunks(_multipart_file(request), None)
+        part = UploadPart(chunks, 0, None, True, _wrong_range)
     else:
-        length = _expected_length(request)
         # Pieces as they arrived: no joining into new buffers, the pipeline copies once.
-        source = _chunks(request.content.iter_any(), length)
-    controller.storage.check_length(obj, length)
-    obj = await controller.run_upload(token, source, length)
-    status = obj["status"]
+        part = _part(request, _chunks(request.content.iter_any(), request.content_length))
+    _check_length(controller, obj, part)
+    how, obj_after = await controller.receive(token, part)
+    offset = controller.upload_offset(key_of(obj))
+    if how is BodyEnd.PARTIAL:
+        return web.Response(status=204, headers=offset_headers(offset))
+    if how is BodyEnd.IDLE:
+        raise RequestTimeout(
+            f"nothing arrived for {controller.config.upload_idle_timeout:g} s; the upload "
+            f"stays resumable at byte {offset}",
+            headers={**offset_headers(offset), "Connection": "close"},
+        )
+    if how is BodyEnd.TAKEN_OVER:
+        raise Conflict("a newer request continues this upload", headers=offset_headers(offset))
+    if how is BodyEnd.BROKEN or obj_after is None:
+        raise BadRequest(
+            f"the upload broke off; it continues at byte {offset}",
+            headers={**offset_headers(offset), "Connection": "close"},
+        )
+    status = obj_after["status"]
+    received = controller.store.received(key_of(obj_after))
     body = {
         "phase": status["phase"],
-        "offset": controller.store.received(key_of(obj)),
+        "offset": received,
         "progress": status.get("progress"),
         "format": status.get("format"),
         "checksum": status.get("checksum"),
     }
-    return web.Response(text=json.dumps(body) + "\n", content_type="application/json")
+    return web.Response(
+        text=json.dumps(body) + "\n",
+        content_type="application/json",
+        headers=offset_headers(received),
+    )
 
 
 def _image_for(request: web.Request) -> Object:
@@ -201,17 +268,9 @@ async def options(request: web.Request) -> web.Response:
             "Tus-Resumable": TUS_VERSION,
             "Tus-Version": TUS_VERSION,
             "Tus-Max-Size": str(controller.config.max_image_size),
-            "Allow": "PUT, POST, HEAD, GET, OPTIONS",
+            "Tus-Extension": "",
+            "Allow": "PUT, POST, PATCH, HEAD, GET, OPTIONS",
         },
-    )
-
-
-async def patch(request: web.Request) -> web.Response:
-    _controller(request).find_upload(request.match_info["token"])
-    raise MethodNotAllowed(
-        "tus PATCH uploads are not supported by this server version; "
-        "upload the whole image with PUT (curl -T FILE URL)",
-        headers={"Allow": "PUT, POST, HEAD, GET, OPTIONS"},
     )
 
 
@@ -219,7 +278,7 @@ def add_routes(app: web.Application) -> None:
     path = "/upload/{token}"
     app.router.add_route("PUT", path, put, expect_handler=check_before_body)
     app.router.add_route("POST", path, put, expect_handler=check_before_body)
-    app.router.add_route("PATCH", path, patch, expect_handler=check_before_body)
+    app.router.add_route("PATCH", path, put, expect_handler=check_before_body)
     app.router.add_route("HEAD", path, head)
     app.router.add_route("GET", path, get)
     app.router.add_route("OPTIONS", path, options)

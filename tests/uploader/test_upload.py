@@ -225,26 +225,37 @@ def test_eight_uploads_at_once(server: Server, tmp_path: Path) -> None:
         assert sha256_file(server.claim_dir(f"many-{i}") / "disk.img") == sha256
 
 
-def test_interrupted_upload_goes_back_to_waiting(server: Server, tmp_path: Path) -> None:
+def head_offset(url: str) -> int:
+    head = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, text=True).stdout
+    for line in head.lower().splitlines():
+        if line.startswith("upload-offset:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError(head)
+
+
+def test_an_interrupted_upload_continues_where_it_stopped(server: Server, tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(os.urandom(64 * MiB))
     server.create(manifest("cut"))
     url = server.upload_url("cut")
     proc = subprocess.Popen(["curl", "-sS", "--limit-rate", "8M", "-T", str(image), url])
     server.wait_phase("cut", ("Provisioning",))
-    time.sleep(0.5)
+    time.sleep(1)
     proc.kill()
     proc.wait()
 
     obj = server.wait_phase("cut", ("WaitForUserUpload",), timeout=30)
-    assert "interrupted" in obj["status"]["conditions"][0]["message"]
+    assert "continue it" in obj["status"]["conditions"][0]["message"]
+    offset = head_offset(url)
+    assert 0 < offset < 64 * MiB
     assert not (server.claim_dir("cut") / "disk.img").exists()
-    code, _ = curl("-T", str(image), url)
-    assert code == 200
+    code, body = curl("-C", str(offset), "-T", str(image), url)
+    assert code == 200, body
+    assert body["checksum"]["sha256"] == sha256_file(image)
     assert sha256_file(server.claim_dir("cut") / "disk.img") == sha256_file(image)
 
 
-def test_content_range_past_zero_is_416_with_offset(server: Server, tmp_path: Path) -> None:
+def test_a_range_at_the_wrong_offset_is_416_with_the_offset(server: Server, tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     image.write_bytes(os.urandom(MiB))
     server.create(manifest("range"))
@@ -274,8 +285,14 @@ def test_head_get_options_on_upload_url(server: Server, tmp_path: Path) -> None:
     ).stdout.lower()
     assert "tus-version: 1.0.0" in options
     code, body = curl("-X", "PATCH", "-H", "Upload-Offset: 0", "--data-binary", "x", url)
-    assert code == 405
-    assert "PUT" in body["message"]
+    assert code == 415
+    assert "application/offset+octet-stream" in body["message"]
+    tus = ["-X", "PATCH", "-H", "Content-Type: application/offset+octet-stream"]
+    code, body = curl(*tus, "-H", "Upload-Offset: 5", "--data-binary", "x", url)
+    assert code == 409
+    code, body = curl(*tus, "-H", "Upload-Offset: 0", "--data-binary", "xy", url)
+    assert code == 204
+    assert head_offset(url) == 2
 
 
 def test_sigterm_mid_upload_exits_promptly(tmp_path: Path) -> None:

@@ -1,0 +1,218 @@
+"""The bytes of one upload, carried by one request after another.
+
+An upload's transfer (its pipeline: hashes, decoder, sink) runs in a task of its own and
+reads the image from a feed. Each request that carries part of the image attaches its body
+at the feed's current offset; when that body breaks off (a dropped connection, a client
+that stopped sending), the transfer does not fail: it waits, with everything it has taken
+so far, for the next request to continue at exactly that offset. So a resumed upload ends
+with the same checksums and the same image as an uninterrupted one.
+
+A body that stalls can be taken over: a new request at the current offset cuts it, because
+a client that reconnects is usually faster than the server at noticing that the old
+connection is dead. A body that is still delivering keeps its place (the newcomer gets 409).
+Nobody continuing within the grace time ends the transfer (TransferInterrupted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from importer.errors import ImageTooLarge, TransferInterrupted
+from importer.formats.base import Buffer
+
+# A body that has delivered nothing for this long may be cut by a request that continues.
+TAKEOVER_AFTER = 2.0
+
+
+class BodyEnd(enum.Enum):
+    PARTIAL = "partial"  # all of the request's bytes were taken; the image is not complete
+    COMPLETE = "complete"  # the image's last byte was taken
+    BROKEN = "broken"  # the connection broke off
+    IDLE = "idle"  # nothing arrived for the idle timeout; the request is cut
+    TAKEN_OVER = "taken over"  # a newer request continues the upload
+    STOPPED = "stopped"  # the transfer ended (refused, failed or cancelled) meanwhile
+
+
+@dataclass(eq=False)
+class Body:
+    """One request's part of the upload."""
+
+    chunks: AsyncIterator[Buffer]
+    start: int
+    open_ended: bool  # when the image's length is unknown, this body's end is the image's
+    end: asyncio.Future[BodyEnd] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    waiting_since: float | None = None  # when the transfer began waiting for its next piece
+    _cut: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def finish(self, how: BodyEnd) -> None:
+        if not self.end.done():
+            self.end.set_result(how)
+
+    @property
+    def stalled(self) -> bool:
+        since = self.waiting_since
+        return since is not None and time.monotonic() - since > TAKEOVER_AFTER
+
+
+class OffsetMismatch(Exception):
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
+class Busy(Exception):
+    """Another request is delivering this upload right now."""
+
+
+class _Cut(Exception):
+    pass
+
+
+class UploadFeed:
+    """`chunks()` for the transfer; `attach()` for each request."""
+
+    def __init__(
+        self,
+        total: int | None,
+        grace: float,
+        idle_timeout: float,
+        on_park: Callable[[BodyEnd | None], None] = lambda how: None,
+    ) -> None:
+        """`on_park(how)` hears of each body that ended short of the image (`how`) and of
+        each body that continues it (None)."""
+        self.offset = 0
+        self.total = total
+        self.grace = grace
+        self.idle_timeout = idle_timeout
+        self.on_park = on_park
+        self._body: Body | None = None
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    @property
+    def complete(self) -> bool:
+        return self.total is not None and self.offset >= self.total
+
+    @property
+    def attached(self) -> Body | None:
+        return self._body
+
+    async def attach(
+        self,
+        chunks: AsyncIterator[Buffer],
+        start: int,
+        total: int | None,
+        open_ended: bool = False,
+    ) -> Body:
+        """Hands a request's body to the transfer; it must start at the current offset."""
+        current = self._body
+        if current is not None:
+            if not current.stalled:
+                raise Busy()
+            current._cut.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(current.end), TAKEOVER_AFTER)
+            if self._body is not None:
+                raise Busy()
+        if start != self.offset or self._closed:
+            raise OffsetMismatch(self.offset)
+        if total is not None:
+            if self.total is not None and total != self.total:
+                raise ImageTooLarge(
+                    f"this upload is {self.total} bytes long; a request says {total}"
+                )
+            self.total = total
+        body = Body(chunks, start, open_ended)
+        self._body = body
+        self._changed.set()
+        if start:
+            self.on_park(None)
+        return body
+
+    async def chunks(self) -> AsyncIterator[Buffer]:
+        """The image's bytes in order, from whichever requests carry them."""
+        try:
+            while not self.complete:
+                body = await self._next_body()
+                async for chunk in self._take(body):
+                    yield chunk
+                if body.end.result() is BodyEnd.COMPLETE:
+                    return
+        finally:
+            self._closed = True
+            if self._body is not None:
+                self._body.finish(BodyEnd.STOPPED)
+                self._body = None
+
+    async def _take(self, body: Body) -> AsyncIterator[Buffer]:
+        """The pieces of one body; records how the body ended."""
+        how = BodyEnd.STOPPED
+        try:
+            while True:
+                try:
+                    chunk = await self._read(body)
+                except StopAsyncIteration:
+                    break
+                if self.total is not None and self.offset + len(chunk) > self.total:
+                    raise ImageTooLarge(
+                        f"the upload sends more than the {self.total} bytes it announced"
+                    )
+                self.offset += len(chunk)
+                yield chunk
+            if self.total is None and body.open_ended:
+                self.total = self.offset
+            how = BodyEnd.COMPLETE if self.complete else BodyEnd.PARTIAL
+        except TransferInterrupted:
+            how = BodyEnd.BROKEN
+        except _Cut:
+            how = BodyEnd.TAKEN_OVER
+        except TimeoutError:
+            how = BodyEnd.IDLE
+        finally:
+            self._body = None
+            body.finish(how)
+            if how not in (BodyEnd.COMPLETE, BodyEnd.STOPPED):
+                self.on_park(how)
+
+    async def _read(self, body: Body) -> Buffer:
+        """The body's next piece, unless it stays idle or a newer request cuts it."""
+        body.waiting_since = time.monotonic()
+        read = asyncio.ensure_future(anext(body.chunks))
+        cut = asyncio.ensure_future(body._cut.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {read, cut}, timeout=self.idle_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            body.waiting_since = None
+            cut.cancel()
+            if not read.done():
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
+        if read in done:
+            return read.result()
+        if cut in done:
+            raise _Cut()
+        raise TimeoutError()
+
+    async def _next_body(self) -> Body:
+        deadline = time.monotonic() + self.grace
+        while self._body is None:
+            self._changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferInterrupted(
+                    f"the upload stopped at byte {self.offset} and nobody continued it "
+                    f"within {self.grace:g} s; upload it again"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return self._body
