@@ -3,7 +3,8 @@
 The received stream is cut into large blocks from a small pool of reused buffers. Every
 block goes to each *lane* (a consumer with a thread of its own: one per hash, one for the
 sink's decoding and writing), in order. Lanes run in parallel with each other and with the
-receiving; the hashes (libcrypto through ctypes), zlib and os.pwrite release the GIL on large buffers, so both cores work.
+receiving; the hashes (libcrypto through ctypes), zlib and os.pwrite release the GIL on
+large buffers, so both cores work.
 When every buffer is in flight, the pipeline waits for the oldest block to be done before
 reading more from the source: that is the backpressure that reaches the socket. Memory per
 transfer is bounded by `block_size * depth`, whatever the size of the image.
