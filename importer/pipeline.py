@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -64,6 +64,16 @@ class TransferResult:
 
 
 @dataclass
+class Checkpoint:
+    """Where a transfer can continue from after a restart: `offset` bytes of the source are
+    through every lane, the hashes' states are saved and the sink's data is durable."""
+
+    offset: int
+    hashes: dict[str, bytes]
+    sink: bytes | None  # the sink's own snapshot, when it has one
+
+
+@dataclass
 class PipelineOptions:
     algorithms: tuple[str, ...] = ("sha256",)
     expected_checksums: dict[str, str] = field(default_factory=dict)
@@ -71,6 +81,10 @@ class PipelineOptions:
     max_received_bytes: int | None = None
     block_size: int = BLOCK_SIZE
     depth: int = DEPTH
+    # Every this many bytes the lanes are drained and `on_checkpoint` hears of a Checkpoint.
+    checkpoint_every: int | None = None
+    on_checkpoint: Callable[[Checkpoint], Awaitable[None]] | None = None
+    resume_from: Checkpoint | None = None  # continue a transfer at its checkpoint
 
 
 class _LaneRunner:
@@ -107,7 +121,14 @@ class Pipeline:
         self.sink = sink
         self.options = options
         self.progress = progress or Progress(total=options.expected_length)
-        self.checksums = [ChecksumLane(name) for name in options.algorithms]
+        resume = options.resume_from
+        self.start = resume.offset if resume else 0
+        self.checksums = [
+            ChecksumLane.resume(name, resume.hashes[name]) if resume else ChecksumLane(name)
+            for name in options.algorithms
+        ]
+        self._dispatched = self.start
+        self._next_checkpoint = self._checkpoint_after(self.start)
         self._runners = [_LaneRunner(lane) for lane in (*self.checksums, *sink.lanes())]
         self._free: list[bytearray] = [bytearray(options.block_size) for _ in range(options.depth)]
         self._in_flight: collections.deque[tuple[asyncio.Future[list[None]], bytearray]] = (
@@ -133,10 +154,26 @@ class Pipeline:
             for runner in self._runners:
                 runner.close()
 
+    def _checkpoint_after(self, offset: int) -> int | None:
+        every = self.options.checkpoint_every
+        if not every or self.options.on_checkpoint is None:
+            return None
+        return (offset // every + 1) * every
+
+    async def _checkpoint(self) -> None:
+        """Drains the lanes and reports where the transfer stands (between two blocks)."""
+        assert self.options.on_checkpoint is not None
+        await self._drain()
+        snapshot = getattr(self.sink, "snapshot", None)
+        sink_state = await snapshot() if snapshot is not None else None
+        hashes = {lane.algorithm: lane.state() for lane in self.checksums}
+        await self.options.on_checkpoint(Checkpoint(self._dispatched, hashes, sink_state))
+        self._next_checkpoint = self._checkpoint_after(self._dispatched)
+
     async def _pump(self, source: AsyncIterable[Buffer]) -> int:
         block = await self._take_buffer()
         filled = 0
-        received = 0
+        received = self.start
         limit = self.options.max_received_bytes
         async for chunk in source:
             view = memoryview(chunk).cast("B")
@@ -151,6 +188,8 @@ class Pipeline:
                 view = view[n:]
                 if filled == len(block):
                     self._dispatch(block, filled)
+                    if self._next_checkpoint and self._dispatched >= self._next_checkpoint:
+                        await self._checkpoint()
                     block = await self._take_buffer()
                     filled = 0
         if filled:
@@ -160,6 +199,7 @@ class Pipeline:
         return received
 
     def _dispatch(self, block: bytearray, length: int) -> None:
+        self._dispatched += length
         view = memoryview(block)[:length]
         futures = [runner.submit(runner.lane.update, view) for runner in self._runners]
         self._in_flight.append((asyncio.gather(*futures), block))
@@ -194,6 +234,7 @@ class Pipeline:
 
 
 __all__ = [
+    "Checkpoint",
     "Lane",
     "Pipeline",
     "PipelineOptions",

@@ -12,7 +12,7 @@ import pytest
 
 from importer.errors import BadImageChecksum, ImageTooLarge, InvalidImage
 from importer.formats.base import ImageInfo
-from importer.pipeline import Pipeline, PipelineOptions, TransferResult
+from importer.pipeline import Checkpoint, Pipeline, PipelineOptions, TransferResult
 
 
 class MemorySink:
@@ -146,3 +146,33 @@ async def test_cancellation_waits_for_lanes_and_aborts() -> None:
     blocks = sink.blocks
     await asyncio.sleep(0.2)
     assert sink.blocks == blocks  # no lane is still working
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+async def test_checkpoints_carry_the_hashes_to_a_new_pipeline() -> None:
+    data = os.urandom(11 * (1 << 20) + 12345)
+    seen: list[Checkpoint] = []
+
+    async def record(checkpoint: Checkpoint) -> None:
+        seen.append(checkpoint)
+
+    options = PipelineOptions(
+        algorithms=("sha256", "md5"), checkpoint_every=3 << 20, on_checkpoint=record
+    )
+    whole = await Pipeline(MemorySink(), options).run(chunks(data, 700_000))
+    assert [c.offset for c in seen] == [3 << 20, 6 << 20, 9 << 20]
+    assert all(c.sink is None for c in seen)  # this sink has no snapshot
+
+    # A second pipeline, as after a restart, continues from the second checkpoint.
+    checkpoint = seen[1]
+    sink = MemorySink()
+    resumed = await Pipeline(
+        sink,
+        PipelineOptions(algorithms=("sha256", "md5"), resume_from=checkpoint),
+    ).run(chunks(data[checkpoint.offset :], 500_000))
+    assert resumed.checksums == whole.checksums
+    assert resumed.checksums["sha256"] == hashlib.sha256(data).hexdigest()
+    assert resumed.received_bytes == len(data)
+    assert bytes(sink.data) == data[checkpoint.offset :]
