@@ -164,8 +164,9 @@ class Pipeline:
         """Drains the lanes and reports where the transfer stands (between two blocks)."""
         assert self.options.on_checkpoint is not None
         await self._drain()
+        # The lane threads are idle now, so another thread may look at the sink's state.
         snapshot = getattr(self.sink, "snapshot", None)
-        sink_state = await snapshot() if snapshot is not None else None
+        sink_state = await asyncio.to_thread(snapshot) if snapshot is not None else None
         hashes = {lane.algorithm: lane.state() for lane in self.checksums}
         await self.options.on_checkpoint(Checkpoint(self._dispatched, hashes, sink_state))
         self._next_checkpoint = self._checkpoint_after(self._dispatched)

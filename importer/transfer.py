@@ -29,6 +29,7 @@ class OpenedSource:
     chunks: AsyncIterable[Buffer]
     length: int | None
     filename: str | None = None
+    offset: int = 0  # where `chunks` starts in the image (a transfer that resumes)
 
 
 SourceOpener = Callable[[], AbstractAsyncContextManager[OpenedSource]]
@@ -47,7 +48,7 @@ async def run_transfer(
     while True:
         try:
             async with open_source() as source:
-                progress.restart(source.length)
+                progress.restart(source.length, source.offset)
                 sink = await open_sink(source)
                 return await Pipeline(sink, options_for(source), progress).run(source.chunks)
         except StartOver as exc:

@@ -114,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=ServerConfig.wait_for_upload_timeout,
         help="fail an image that waits this long for its upload; 0: never (default 24h)",
     )
+    serve.add_argument(
+        "--checkpoint-every",
+        type=parse_size,
+        default=ServerConfig.checkpoint_every,
+        help="PVC uploads save where they stand this often, to continue after a restart "
+        "(default 256Mi; 0: never)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     apply = commands.add_parser("apply", help="create or update images", parents=[common])
@@ -189,6 +196,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         upload_grace=args.upload_grace,
         upload_idle_timeout=args.upload_idle_timeout,
         wait_for_upload_timeout=args.wait_for_upload_timeout,
+        checkpoint_every=args.checkpoint_every,
     )
     try:
         import uvloop

@@ -39,6 +39,8 @@ class ServerConfig:
     upload_grace: float = 15 * 60
     # A request that delivers nothing for this long is cut; the upload stays resumable.
     upload_idle_timeout: float = 120
+    # PVC uploads save where they stand this often, to continue from there after a restart.
+    checkpoint_every: int = 256 << 20
     # An image that waits for its upload longer than this fails (0: forever).
     wait_for_upload_timeout: float = 24 * 3600
     extra: dict[str, str] = field(default_factory=dict)

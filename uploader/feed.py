@@ -84,10 +84,11 @@ class UploadFeed:
         grace: float,
         idle_timeout: float,
         on_park: Callable[[BodyEnd | None], None] = lambda how: None,
+        offset: int = 0,
     ) -> None:
         """`on_park(how)` hears of each body that ended short of the image (`how`) and of
-        each body that continues it (None)."""
-        self.offset = 0
+        each body that continues it (None). `offset`: where a resumed upload stands."""
+        self.offset = offset
         self.total = total
         self.grace = grace
         self.idle_timeout = idle_timeout

@@ -7,8 +7,10 @@ a reason. Every change goes through the store, so watchers see it and it survive
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +21,7 @@ from typing import Any
 from importer.errors import TransferError, TransferInterrupted
 from importer.formats.base import Buffer
 from importer.metrics import Metrics
-from importer.pipeline import PipelineOptions, Sink, TransferResult
+from importer.pipeline import Checkpoint, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress, format_quantity
 from importer.transfer import OpenedSource, SourceOpener, run_transfer
 from uploader.config import ServerConfig
@@ -34,7 +36,7 @@ from uploader.errors import (
 from uploader.feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
 from uploader.resources import Kind, validate_manifest
 from uploader.sources import ImportPlan, SourceNotReady, SourcePlanner
-from uploader.storage import Storage
+from uploader.storage import KeptOnStop, Storage, uses_pvc
 from uploader.store import Object, Store, key_of
 from uploader.tokens import ImageKey, TokenIndex, new_token, redact
 
@@ -58,6 +60,45 @@ def offset_headers(offset: int) -> dict[str, str]:
 def _retrieve(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+@dataclass
+class SavedUpload:
+    """An upload's last checkpoint, from which it continues after a restart."""
+
+    uid: str
+    generation: int
+    offset: int
+    total: int | None
+    filename: str | None
+    hashes: dict[str, bytes]
+    sink: bytes
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "uid": self.uid,
+            "generation": self.generation,
+            "offset": self.offset,
+            "total": self.total,
+            "filename": self.filename,
+            "hashes": {k: base64.b64encode(v).decode() for k, v in self.hashes.items()},
+        }
+
+    @classmethod
+    def load(cls, record: dict[str, Any], sink: bytes) -> SavedUpload:
+        hashes = {k: base64.b64decode(v) for k, v in record["hashes"].items()}
+        return cls(
+            record["uid"],
+            record["generation"],
+            record["offset"],
+            record["total"],
+            record["filename"],
+            hashes,
+            sink,
+        )
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.offset, self.hashes, self.sink)
 
 
 @dataclass
@@ -123,6 +164,9 @@ class ImageController:
         self._deferred_deletes: set[ImageKey] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._expirer: asyncio.Task[None] | None = None
+        # Uploads cut by a restart that continue from their last checkpoint (PVC storage).
+        self._resumable: dict[ImageKey, SavedUpload] = {}
+        self._stopping = False
         self.external_base = ""
         self.in_cluster_base = ""
 
@@ -170,19 +214,49 @@ class ImageController:
             if token:
                 self.ready_tokens.add(token, key)
         elif phase in (PENDING, WAIT_FOR_UPLOAD, PROVISIONING):
-            # A transfer cut by a stop: its partial data is dropped, the image starts over.
-            await asyncio.to_thread(self.storage.remove_partial, obj)
             token = self._token_of(obj)
+            saved = self._saved_upload(obj)
+            if saved is None:
+                # A transfer cut by a stop: its partial data is dropped, the image starts over.
+                self.store.drop_checkpoint(key)
+                await asyncio.to_thread(self.storage.remove_partial, obj)
             if obj["spec"]["dataSource"]["type"] == "Upload" and token:
                 self.tokens.add(token, key)
-                self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", "Waiting for upload")
+                message = "Waiting for upload"
                 self._clear_progress(obj)
+                if saved is not None:
+                    self._resumable[key] = saved
+                    message = (
+                        f"The server restarted; the upload continues at byte {saved.offset}: "
+                        f"curl -C {saved.offset} -T FILE URL"
+                    )
+                    if saved.total:
+                        obj["status"]["progress"] = f"{saved.offset / saved.total * 100:.1f}%"
+                self._set_phase(obj, WAIT_FOR_UPLOAD, "WaitForUserUpload", message)
                 self.store.save(obj)
             else:
                 self._begin(obj)
 
+    def _saved_upload(self, obj: Object) -> SavedUpload | None:
+        """The image's checkpoint, if it is one of this very upload."""
+        found = self.store.checkpoint(key_of(obj))
+        if found is None:
+            return None
+        saved = SavedUpload.load(*found)
+        meta = obj["metadata"]
+        if (saved.uid, saved.generation) != (meta["uid"], meta.get("generation", 1)):
+            return None
+        return saved
+
+    def _forget_saved_upload(self, obj: Object) -> None:
+        key = key_of(obj)
+        self._resumable.pop(key, None)
+        self.store.drop_checkpoint(key)
+        self.storage.remove_partial(obj)
+
     async def stop(self) -> None:
         """Cancels every transfer; their images stay as they are and resume on start."""
+        self._stopping = True
         if self._expirer is not None:
             self._expirer.cancel()
         for transfer in list(self.transfers.values()):
@@ -361,7 +435,10 @@ class ImageController:
     def upload_offset(self, key: ImageKey) -> int:
         """The bytes of the image taken so far, where an upload continues."""
         transfer = self.transfers.get(key)
-        return transfer.feed.offset if transfer is not None and transfer.feed else 0
+        if transfer is not None and transfer.feed is not None:
+            return transfer.feed.offset
+        saved = self._resumable.get(key)
+        return saved.offset if saved is not None else 0
 
     def check_part(self, token: str, part: UploadPart) -> Object:
         """Refuses, before its body is sent, a part that cannot be taken now."""
@@ -391,9 +468,14 @@ class ImageController:
             await self._cancel_transfer(key, Conflict("the upload started over from byte 0"))
             transfer = None
         if transfer is None:
-            if part.start != 0:
-                raise part.wrong_offset(0)
-            transfer = self._start_upload(obj, part)
+            saved = self._resumable.get(key)
+            if saved is not None and part.whole:
+                await asyncio.to_thread(self._forget_saved_upload, obj)
+                saved = None
+            start = saved.offset if saved is not None else 0
+            if part.start != start:
+                raise part.wrong_offset(start)
+            transfer = self._start_upload(obj, part, saved)
         assert transfer.feed is not None and transfer.task is not None
         try:
             body = await transfer.feed.attach(part.chunks, part.start, part.total, part.whole)
@@ -410,21 +492,27 @@ class ImageController:
             return BodyEnd.COMPLETE, await asyncio.shield(transfer.task)
         return how, None
 
-    def _start_upload(self, obj: Object, part: UploadPart) -> ActiveTransfer:
+    def _start_upload(
+        self, obj: Object, part: UploadPart, saved: SavedUpload | None = None
+    ) -> ActiveTransfer:
         transfer = self._new_transfer(obj)
         feed = UploadFeed(
-            part.total,
+            saved.total if saved is not None else part.total,
             self.config.upload_grace,
             self.config.upload_idle_timeout,
             on_park=lambda how: self._on_park(transfer, how),
+            offset=saved.offset if saved is not None else 0,
         )
         transfer.feed = feed
+        filename = saved.filename if saved is not None else part.filename
+        start = feed.offset
+        self._resumable.pop(transfer.key, None)
 
         @contextlib.asynccontextmanager
         async def body() -> AsyncIterator[OpenedSource]:
-            yield OpenedSource(feed.chunks(), feed.total, part.filename)
+            yield OpenedSource(feed.chunks(), feed.total, filename, offset=start)
 
-        task = asyncio.create_task(self._run_transfer(transfer, obj, body))
+        task = asyncio.create_task(self._run_transfer(transfer, obj, body, saved))
         task.add_done_callback(_retrieve)  # the outcome is in the status, if nobody asks
         transfer.task = task
         return transfer
@@ -543,7 +631,11 @@ class ImageController:
         return transfer
 
     async def _run_transfer(
-        self, transfer: ActiveTransfer, obj: Object, open_source: SourceOpener
+        self,
+        transfer: ActiveTransfer,
+        obj: Object,
+        open_source: SourceOpener,
+        saved: SavedUpload | None = None,
     ) -> Object:
         """Runs one transfer into the image and records its outcome in the status."""
         key = transfer.key
@@ -553,17 +645,27 @@ class ImageController:
         reporter = asyncio.create_task(self._report_progress(transfer))
 
         async def open_sink(source: OpenedSource) -> Sink:
-            return await self.storage.open_sink(obj, source.length, source.filename)
+            if saved is not None:
+                sink = await self.storage.resume_sink(obj, saved.sink)
+            else:
+                sink = await self.storage.open_sink(obj, source.length, source.filename)
+            if transfer.feed is None or not uses_pvc(obj):
+                return sink
+            return KeptOnStop(sink, lambda: self._stopping)
+
+        def options_for(source: OpenedSource) -> PipelineOptions:
+            options = self._pipeline_options(obj, source.length)
+            if transfer.feed is not None and uses_pvc(obj) and self.config.checkpoint_every:
+                options.checkpoint_every = self.config.checkpoint_every
+                options.on_checkpoint = functools.partial(self._save_checkpoint, transfer, source)
+            if saved is not None:
+                options.resume_from = saved.checkpoint()
+            return options
 
         try:
             self._set_phase(obj, PROVISIONING, PROVISIONING, "Receiving the image")
             self.store.save(obj)
-            result = await run_transfer(
-                open_source,
-                open_sink,
-                lambda source: self._pipeline_options(obj, source.length),
-                progress,
-            )
+            result = await run_transfer(open_source, open_sink, options_for, progress)
             self.metrics.received_bytes.inc(result.received_bytes)
             self.metrics.written_bytes.inc(result.written_bytes)
         except asyncio.CancelledError:
@@ -588,9 +690,28 @@ class ImageController:
             reporter.cancel()
             self.transfers.pop(key, None)
             self.metrics.active_transfers.dec()
+            if not self._stopping:
+                self.store.drop_checkpoint(key)  # kept only for a restart to continue from
             transfer.done.set()
         self.metrics.transfers.labels("succeeded").inc()
         return self._after_success(transfer, result)
+
+    async def _save_checkpoint(
+        self, transfer: ActiveTransfer, source: OpenedSource, checkpoint: Checkpoint
+    ) -> None:
+        if checkpoint.sink is None or transfer.feed is None:
+            return  # this stream cannot be continued after a restart (see importer/formats)
+        saved = SavedUpload(
+            transfer.uid,
+            transfer.generation,
+            checkpoint.offset,
+            transfer.feed.total,
+            source.filename,
+            checkpoint.hashes,
+            checkpoint.sink,
+        )
+        self.store.save_checkpoint(transfer.key, saved.record(), saved.sink)
+        log.info("upload into %s: checkpoint at byte %d", "/".join(transfer.key), saved.offset)
 
     def _pipeline_options(self, obj: Object, expected_length: int | None) -> PipelineOptions:
         source = obj["spec"]["dataSource"]

@@ -16,17 +16,18 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from importer.errors import TransferError
-from importer.formats.base import Converter, Limits, NullTarget, RawTarget
+from importer.formats.base import Converter, ImageInfo, Limits, NullTarget, RawTarget
 from importer.formats.decoder import ImageDecoder
 from importer.oci.auth import Credentials
 from importer.oci.layer import safe_filename
 from importer.oci.layout import OciLayout
 from importer.oci.registry import RegistryClient
 from importer.oci.registry_store import RegistryStore
-from importer.pipeline import Sink
+from importer.pipeline import Lane, Sink, TransferResult
 from importer.sinks.dvcr import DvcrSink, ImageStore
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
 from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
@@ -57,6 +58,32 @@ def dvcr_repo(obj: Object) -> str:
 
 def uses_pvc(obj: Object) -> bool:
     return obj.get("spec", {}).get("storage") == STORAGE_PVC
+
+
+class KeptOnStop:
+    """A sink whose partial data survives a server stop, for the upload to continue from
+    its last checkpoint after the restart (an abort then only lets go)."""
+
+    def __init__(self, sink: Sink, stopping: Callable[[], bool]) -> None:
+        self.sink = sink
+        self.stopping = stopping
+
+    def lanes(self) -> list[Lane]:
+        return self.sink.lanes()
+
+    def image_info(self) -> ImageInfo:
+        return self.sink.image_info()
+
+    def snapshot(self) -> bytes | None:
+        snapshot = getattr(self.sink, "snapshot", None)
+        return snapshot() if snapshot is not None else None
+
+    async def commit(self, result: TransferResult) -> None:
+        await self.sink.commit(result)
+
+    async def abort(self) -> None:
+        if not self.stopping():
+            await self.sink.abort()
 
 
 class Storage:
@@ -156,6 +183,12 @@ class Storage:
     async def copy_image(self, repo: str, tag: str, obj: Object) -> None:
         """Tags the DVCR image `repo:tag` as `obj`'s too: the blobs are shared, not copied."""
         await self.dvcr.copy(repo, tag, dvcr_repo(obj), obj["metadata"]["uid"])
+
+    async def resume_sink(self, obj: Object, state: bytes) -> Sink:
+        """The sink of an upload that continues from its checkpoint (PVC storage)."""
+        target = self._claim_target_for_resume(obj)
+        limits = Limits(max_virtual_size=self.config.max_image_size, spill_dir=str(self.spill_dir))
+        return await asyncio.to_thread(PvcSink.resume, state, target, limits)
 
     def remove_partial(self, obj: Object) -> None:
         """Drops what an interrupted transfer left (after a crash the abort never ran)."""

@@ -27,6 +27,14 @@ CREATE TABLE IF NOT EXISTS objects (
     PRIMARY KEY (kind, namespace, name)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    record TEXT NOT NULL,
+    sink BLOB NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+);
 CREATE TABLE IF NOT EXISTS received (
     kind TEXT NOT NULL,
     namespace TEXT NOT NULL,
@@ -150,6 +158,25 @@ class Store:
         ).fetchone()
         return int(row[0]) if row else 0
 
+    def save_checkpoint(self, key: ImageKey, record: dict[str, Any], sink: bytes) -> None:
+        """Where an upload can continue after a restart (durable before this returns)."""
+        with self._db:
+            self._db.execute(
+                "INSERT OR REPLACE INTO checkpoints (kind, namespace, name, record, sink) "
+                "VALUES (?,?,?,?,?)",
+                (*key, json.dumps(record), sink),
+            )
+
+    def checkpoint(self, key: ImageKey) -> tuple[dict[str, Any], bytes] | None:
+        row = self._db.execute(
+            "SELECT record, sink FROM checkpoints WHERE kind=? AND namespace=? AND name=?", key
+        ).fetchone()
+        return (json.loads(row[0]), bytes(row[1])) if row else None
+
+    def drop_checkpoint(self, key: ImageKey) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM checkpoints WHERE kind=? AND namespace=? AND name=?", key)
+
     def delete(self, key: ImageKey) -> Object | None:
         obj = self._objects.pop(key, None)
         if obj is None:
@@ -157,6 +184,7 @@ class Store:
         with self._db:
             self._db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", key)
             self._db.execute("DELETE FROM received WHERE kind=? AND namespace=? AND name=?", key)
+            self._db.execute("DELETE FROM checkpoints WHERE kind=? AND namespace=? AND name=?", key)
         self._notify(Event("DELETED", obj))
         return copy.deepcopy(obj)
 
