@@ -139,6 +139,7 @@ class ActiveTransfer:
     progress: Progress
     task: asyncio.Task[Any] | None
     feed: UploadFeed | None = None  # an upload's bytes, across the requests that carry them
+    saved_sink: bytes | None = None  # the sink state of the upload's last checkpoint
     cancelled_by: ApiError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -178,6 +179,8 @@ class ImageController:
         self.in_cluster_base = (self.config.in_cluster_url or own_base_url).rstrip("/")
         for obj in self.store.all():
             await self._recover(obj)
+        kept = [saved.sink for saved in self._resumable.values()]
+        await asyncio.to_thread(self.storage.clean_spill_dir, kept)
         if self.config.wait_for_upload_timeout > 0:
             self._expirer = asyncio.create_task(self._expire_waiting_uploads())
 
@@ -250,9 +253,11 @@ class ImageController:
 
     def _forget_saved_upload(self, obj: Object) -> None:
         key = key_of(obj)
-        self._resumable.pop(key, None)
+        saved = self._resumable.pop(key, None)
         self.store.drop_checkpoint(key)
         self.storage.remove_partial(obj)
+        if saved is not None:
+            self.storage.drop_spill_files(saved.sink)
 
     async def stop(self) -> None:
         """Cancels every transfer; their images stay as they are and resume on start."""
@@ -504,6 +509,7 @@ class ImageController:
             offset=saved.offset if saved is not None else 0,
         )
         transfer.feed = feed
+        transfer.saved_sink = saved.sink if saved is not None else None
         filename = saved.filename if saved is not None else part.filename
         start = feed.offset
         self._resumable.pop(transfer.key, None)
@@ -651,7 +657,7 @@ class ImageController:
                 sink = await self.storage.open_sink(obj, source.length, source.filename)
             if transfer.feed is None or not uses_pvc(obj):
                 return sink
-            return KeptOnStop(sink, lambda: self._stopping)
+            return KeptOnStop(sink, lambda: self._stopping, lambda: self._drop_checkpoint(transfer))
 
         def options_for(source: OpenedSource) -> PipelineOptions:
             options = self._pipeline_options(obj, source.length)
@@ -691,7 +697,7 @@ class ImageController:
             self.transfers.pop(key, None)
             self.metrics.active_transfers.dec()
             if not self._stopping:
-                self.store.drop_checkpoint(key)  # kept only for a restart to continue from
+                self._drop_checkpoint(transfer)  # kept only for a restart to continue from
             transfer.done.set()
         self.metrics.transfers.labels("succeeded").inc()
         return self._after_success(transfer, result)
@@ -711,7 +717,17 @@ class ImageController:
             checkpoint.sink,
         )
         self.store.save_checkpoint(transfer.key, saved.record(), saved.sink)
+        previous, transfer.saved_sink = transfer.saved_sink, saved.sink
+        if previous is not None:
+            self.storage.drop_spill_files(previous, keep=saved.sink)
         log.info("upload into %s: checkpoint at byte %d", "/".join(transfer.key), saved.offset)
+
+    def _drop_checkpoint(self, transfer: ActiveTransfer) -> None:
+        """Before the image is committed or when its transfer ends: nothing to continue."""
+        self.store.drop_checkpoint(transfer.key)
+        if transfer.saved_sink is not None:
+            self.storage.drop_spill_files(transfer.saved_sink)
+            transfer.saved_sink = None
 
     def _pipeline_options(self, obj: Object, expected_length: int | None) -> PipelineOptions:
         source = obj["spec"]["dataSource"]

@@ -19,9 +19,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from importer.errors import TransferError
+from importer.errors import ProvisioningFailed, TransferError
 from importer.formats.base import Converter, ImageInfo, Limits, NullTarget, RawTarget
 from importer.formats.decoder import ImageDecoder
+from importer.formats.snapshot import spill_files
 from importer.oci.auth import Credentials
 from importer.oci.layer import safe_filename
 from importer.oci.layout import OciLayout
@@ -60,13 +61,24 @@ def uses_pvc(obj: Object) -> bool:
     return obj.get("spec", {}).get("storage") == STORAGE_PVC
 
 
+def _spill_files_of(state: bytes) -> list[str]:
+    try:
+        return spill_files(state)
+    except ValueError:
+        return []  # a state that cannot be read names nothing worth keeping
+
+
 class KeptOnStop:
     """A sink whose partial data survives a server stop, for the upload to continue from
     its last checkpoint after the restart (an abort then only lets go)."""
 
-    def __init__(self, sink: Sink, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self, sink: Sink, stopping: Callable[[], bool], before_commit: Callable[[], None]
+    ) -> None:
         self.sink = sink
         self.stopping = stopping
+        # A checkpoint must be gone before the partial file is renamed into place.
+        self.before_commit = before_commit
 
     def lanes(self) -> list[Lane]:
         return self.sink.lanes()
@@ -79,6 +91,7 @@ class KeptOnStop:
         return snapshot() if snapshot is not None else None
 
     async def commit(self, result: TransferResult) -> None:
+        self.before_commit()
         await self.sink.commit(result)
 
     async def abort(self) -> None:
@@ -186,9 +199,31 @@ class Storage:
 
     async def resume_sink(self, obj: Object, state: bytes) -> Sink:
         """The sink of an upload that continues from its checkpoint (PVC storage)."""
-        target = self._claim_target_for_resume(obj)
+        block = self._block_link(obj)
+        location = block.resolve() if block is not None else self.claim_dir(obj)
         limits = Limits(max_virtual_size=self.config.max_image_size, spill_dir=str(self.spill_dir))
-        return await asyncio.to_thread(PvcSink.resume, state, target, limits)
+        try:
+            return await asyncio.to_thread(PvcSink.resume, state, location, limits)
+        except (ValueError, OSError, TransferError) as exc:
+            raise ProvisioningFailed(
+                f"the upload cannot continue from its checkpoint ({exc}); upload it again "
+                "from byte 0"
+            ) from None
+
+    def drop_spill_files(self, state: bytes, keep: bytes | None = None) -> None:
+        """Deletes the spill files a sink state names (except those `keep` names too)."""
+        kept = set(_spill_files_of(keep)) if keep is not None else set()
+        for path in set(_spill_files_of(state)) - kept:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def clean_spill_dir(self, keep: list[bytes]) -> None:
+        """At start: spill files of transfers that are gone, except the checkpoints' own."""
+        kept = {os.path.abspath(path) for state in keep for path in _spill_files_of(state)}
+        for path in self.spill_dir.iterdir():
+            if path.is_file() and os.path.abspath(path) not in kept:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     def remove_partial(self, obj: Object) -> None:
         """Drops what an interrupted transfer left (after a crash the abort never ran)."""

@@ -12,15 +12,15 @@ Claims never overlap: each byte of the stream belongs to at most one claim, so a
 that points two blocks at the same bytes, or a block into a header, is refused.
 
 Until the converter knows where all its data lies (`complete`), bytes no claim has taken
-yet are kept in a bounded `Spill` (memory, then an unlinked temporary file), because a
-table found later may still claim them. A claim for bytes already passed is served from
-the spill. Once complete, unclaimed bytes are padding or structures nobody needs, and are
-dropped.
+yet are kept in a bounded `Spill` (memory, then a side file), because a table found later
+may still claim them. A claim for bytes already passed is served from the spill. Once
+complete, unclaimed bytes are padding or structures nobody needs, and are dropped.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 from array import array
@@ -259,7 +259,7 @@ class StreamLayout:
 
 class Spill:
     """Bytes of the stream kept until a table says whether they are needed: in memory up
-    to `limits.spill_memory`, then in an unlinked temporary file."""
+    to `limits.spill_memory`, then in a side file (`SpillFile`)."""
 
     def __init__(self, limits: Limits) -> None:
         self.memory_limit = limits.spill_memory
@@ -398,32 +398,87 @@ class RunMap:
         self.guests.append(guest)
         self.lengths.append(length)
 
-    def in_stream_order(self) -> Iterator[tuple[int, int, int]]:
+    def in_stream_order(self) -> StreamOrder:
         """(stream offset, guest offset, length) by increasing stream offset."""
-        starts, guests, lengths = self.starts, self.guests, self.lengths
-        if self.in_order:
-            yield from zip(starts, guests, lengths, strict=True)
-            return
-        # Sort 64-bit keys (sector << index bits | index) chunk by chunk, so the temporary
-        # Python objects of a sort stay small, then merge the sorted chunks lazily.
-        mask = MAX_RUNS - 1
-        chunks = []
-        for low in range(0, len(starts), _SORT_CHUNK):
-            high = min(len(starts), low + _SORT_CHUNK)
-            keys = sorted((starts[i] >> 9) << RUN_INDEX_BITS | i for i in range(low, high))
-            chunks.append(array("Q", keys))
-        for key in heapq.merge(*chunks):
-            i = key & mask
-            yield starts[i], guests[i], lengths[i]
+        return StreamOrder(self)
 
-    def place_claims(self, what: str, block_size: int) -> Iterator[Claim]:
+    def place_claims(self, what: str, block_size: int) -> ClaimSource:
         """Place claims for every run, in stream order, named after their first block."""
-        for start, guest, length in self.in_stream_order():
-            yield place_claim(start, length, guest, f"{what} {guest // block_size}")
+        return ClaimSource(self.in_stream_order(), functools.partial(_place_run, what, block_size))
 
     def regions(self) -> Iterator[tuple[int, int]]:
         for i in range(len(self.starts)):
             yield self.starts[i], self.starts[i] + self.lengths[i]
+
+
+def _place_run(what: str, block_size: int, run: tuple[int, int, int]) -> Claim:
+    start, guest, length = run
+    return place_claim(start, length, guest, f"{what} {guest // block_size}")
+
+
+class StreamOrder:
+    """The runs of a RunMap by increasing stream offset, as (stream offset, guest offset,
+    length). An iterator that, unlike a generator, can be pickled with the converter that
+    holds it (importer.formats.snapshot); the map must not change while it is in use."""
+
+    def __init__(self, runs: RunMap) -> None:
+        self.runs = runs
+        self.sorted = runs.in_order
+        self.next = 0  # in a map built in stream order: the index of the next run
+        self.chunks: list[array] = []
+        self.heap: list[tuple[int, int, int]] = []  # (key, chunk, position in the chunk)
+        if self.sorted:
+            return
+        # Sort 64-bit keys (sector << index bits | index) chunk by chunk, so the temporary
+        # Python objects of a sort stay small, then merge the sorted chunks lazily.
+        starts = runs.starts
+        for low in range(0, len(starts), _SORT_CHUNK):
+            high = min(len(starts), low + _SORT_CHUNK)
+            keys = sorted((starts[i] >> 9) << RUN_INDEX_BITS | i for i in range(low, high))
+            self.chunks.append(array("Q", keys))
+        self.heap = [(chunk[0], n, 0) for n, chunk in enumerate(self.chunks)]
+        heapq.heapify(self.heap)
+
+    def __iter__(self) -> StreamOrder:
+        return self
+
+    def __next__(self) -> tuple[int, int, int]:
+        runs = self.runs
+        if self.sorted:
+            i = self.next
+            if i >= len(runs.starts):
+                raise StopIteration
+            self.next = i + 1
+        else:
+            if not self.heap:
+                raise StopIteration
+            key, n, pos = self.heap[0]
+            chunk = self.chunks[n]
+            if pos + 1 < len(chunk):
+                heapq.heapreplace(self.heap, (chunk[pos + 1], n, pos + 1))
+            else:
+                heapq.heappop(self.heap)
+            i = key & (MAX_RUNS - 1)
+        return runs.starts[i], runs.guests[i], runs.lengths[i]
+
+
+class ClaimSource:
+    """Claims made lazily, one by `make(item)` for each item of `items`, for
+    `StreamLayout.add_sorted`. Unlike a generator it can be pickled with the converter
+    that holds it (importer.formats.snapshot), when `items` (a list or array iterator, a
+    `StreamOrder`) and `make` (a bound method, a partial of a function) can."""
+
+    __slots__ = ("items", "make")
+
+    def __init__(self, items: Iterator, make: Callable[..., Claim]) -> None:
+        self.items = items
+        self.make = make
+
+    def __iter__(self) -> ClaimSource:
+        return self
+
+    def __next__(self) -> Claim:
+        return self.make(next(self.items))
 
 
 class LayoutConverter(Converter):

@@ -12,7 +12,7 @@ qemu writes each L2 table before the data it maps, so data usually arrives claim
 written straight from the input. Bytes that arrive unclaimed while some tables are still
 missing (compressed images, images with internal snapshots, resized images whose L1 moved
 to the end) may still be claimed later: they go to a bounded spill, in memory and then in
-an unlinked side file, and are served from there when their table arrives. Once the L1 and
+a side file, and are served from there when their table arrives. Once the L1 and
 every L2 table it points at have been read, the map is complete: the spill is dropped and
 unclaimed bytes (refcounts, snapshots, stale clusters) are skipped.
 
@@ -149,7 +149,7 @@ class _Claim:
 
 class Spill:
     """Bytes that arrived before any table claimed them, in file order: in memory up to
-    `memory_limit`, then in an unlinked temporary file. Kept until the map is complete
+    `memory_limit`, then in a side file (`SpillFile`). Kept until the map is complete
     (a later table may claim any of them, even twice), then dropped at once."""
 
     READ_PIECE: Final = 4 * MiB

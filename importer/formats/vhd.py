@@ -19,13 +19,14 @@ the bits of every written sector, so the output is the same.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
 from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage
 from importer.formats.base import Limits, RawTarget
-from importer.formats.layout import Claim, LayoutConverter, RunMap, capture_claim
+from importer.formats.layout import Claim, ClaimSource, LayoutConverter, RunMap, capture_claim
 
 FOOTER_SIZE: Final = 512
 DYNAMIC_HEADER_SIZE: Final = 1024
@@ -240,21 +241,17 @@ class VhdConverter(LayoutConverter):
                 self.blocks.add(start, i * self.block_size, span)
 
     def _on_bat_end(self) -> None:
-        self.layout.add_sorted(self._bitmap_claims())
+        self.layout.add_sorted(ClaimSource(self.blocks.in_stream_order(), self._bitmap_claim))
         self.layout.complete = True
 
-    def _bitmap_claims(self) -> Iterator[Claim]:
-        for start, guest, _span in self.blocks.in_stream_order():
-
-            def on_bitmap(bitmap: bytes, start: int = start, guest: int = guest) -> None:
-                self._place_present_sectors(start + self.bitmap_size, guest, bitmap)
-
-            yield capture_claim(
-                start,
-                self.bitmap_size,
-                f"the sector bitmap of block {guest // self.block_size}",
-                on_bitmap,
-            )
+    def _bitmap_claim(self, block: tuple[int, int, int]) -> Claim:
+        start, guest, _span = block
+        return capture_claim(
+            start,
+            self.bitmap_size,
+            f"the sector bitmap of block {guest // self.block_size}",
+            functools.partial(self._place_present_sectors, start + self.bitmap_size, guest),
+        )
 
     def _place_present_sectors(self, data_start: int, guest: int, bitmap: bytes) -> None:
         sectors = self.block_size // SECTOR

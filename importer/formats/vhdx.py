@@ -18,6 +18,7 @@ it means 512-byte sectors); we follow the specification, so those disks convert 
 
 from __future__ import annotations
 
+import functools
 import struct
 import uuid
 from typing import Final
@@ -226,7 +227,7 @@ class VhdxConverter(LayoutConverter):
         # The log is active: refuse if it holds an entry of this log, i.e. one that would
         # have to be replayed before the disk can be read.
         self.layout.stream(
-            log.offset, log.length, "the log", LOG_SECTOR, self._on_log, lambda: None
+            log.offset, log.length, "the log", LOG_SECTOR, self._on_log, self._on_log_end
         )
 
     def _on_log(self, rel: int, piece: memoryview | bytes) -> None:
@@ -239,6 +240,9 @@ class VhdxConverter(LayoutConverter):
                     f"{self.header.log_offset + rel + at:#x}); open and close it in Hyper-V "
                     "or run `qemu-img check -r all` on it first"
                 )
+
+    def _on_log_end(self) -> None:
+        return None
 
     def _on_region_table(self, data: bytes) -> None:
         signature, _checksum, count, _reserved = _REGION_HEADER.unpack_from(data)
@@ -318,12 +322,11 @@ class VhdxConverter(LayoutConverter):
                     f"vhdx: the {ITEM_NAMES[guid]} metadata item at {offset:#x} lies outside "
                     "the metadata region"
                 )
-
-            def on_item(value: bytes, guid: uuid.UUID = guid) -> None:
-                self._on_item(guid, value)
-
             self.layout.capture(
-                self.metadata.offset + offset, length, f"the {ITEM_NAMES[guid]} item", on_item
+                self.metadata.offset + offset,
+                length,
+                f"the {ITEM_NAMES[guid]} item",
+                functools.partial(self._on_item, guid),
             )
 
     def _on_item(self, guid: uuid.UUID, value: bytes) -> None:

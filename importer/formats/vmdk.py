@@ -21,16 +21,16 @@ not a power of two or absurd, table entries past the capacity, truncated streams
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 import struct
 import zlib
 from array import array
-from collections.abc import Iterator
 from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Limits, RawTarget
-from importer.formats.layout import Claim, LayoutConverter, RunMap, capture_claim
+from importer.formats.layout import Claim, ClaimSource, LayoutConverter, RunMap, capture_claim
 
 SECTOR: Final = 512
 MAGIC: Final = b"KDMV"
@@ -359,18 +359,17 @@ class VmdkConverter(LayoutConverter):
         if not tables:
             self._on_tables_done()
             return
-        self.layout.add_sorted(self._gt_claims(tables))
+        self.layout.add_sorted(ClaimSource(iter(tables), self._gt_claim))
 
-    def _gt_claims(self, tables: array[int]) -> Iterator[Claim]:
+    def _gt_claim(self, key: int) -> Claim:
         assert self.header is not None
-        size = self.header.gtes_per_gt * 4
-        for key in tables:
-            sector, index = key >> 20, key & 0xFFFFF
-
-            def on_gt(data: bytes, index: int = index) -> None:
-                self._on_gt(index, data)
-
-            yield capture_claim(sector * SECTOR, size, f"grain table {index}", on_gt)
+        sector, index = key >> 20, key & 0xFFFFF
+        return capture_claim(
+            sector * SECTOR,
+            self.header.gtes_per_gt * 4,
+            f"grain table {index}",
+            functools.partial(self._on_gt, index),
+        )
 
     def _on_gt(self, index: int, data: bytes) -> None:
         assert self.header is not None
@@ -409,7 +408,7 @@ class VmdkConverter(LayoutConverter):
 
     def _expect_marker(self, offset: int) -> None:
         claim = capture_claim(
-            offset, 12, f"the marker at {offset:#x}", lambda data: self._on_marker(offset, data)
+            offset, 12, f"the marker at {offset:#x}", functools.partial(self._on_marker, offset)
         )
         self.next_marker = claim
         self.layout.add(claim)
@@ -421,7 +420,7 @@ class VmdkConverter(LayoutConverter):
                 offset + 12,
                 4,
                 f"the marker type at {offset:#x}",
-                lambda kind: self._on_metadata_marker(offset, value, kind),
+                functools.partial(self._on_metadata_marker, offset, value),
             )
             return
         lba = value
@@ -444,7 +443,7 @@ class VmdkConverter(LayoutConverter):
             offset + 12,
             size,
             f"the grain at {offset:#x}",
-            lambda payload: self._on_grain(offset, lba, payload),
+            functools.partial(self._on_grain, offset, lba),
         )
 
     def _on_grain(self, offset: int, lba: int, payload: bytes) -> None:
@@ -495,7 +494,7 @@ class VmdkConverter(LayoutConverter):
                     data_start,
                     size,
                     f"the grain table at {data_start:#x}",
-                    lambda data: self._on_loose_gt(data_start // SECTOR, data),
+                    functools.partial(self._on_loose_gt, data_start // SECTOR),
                 )
         elif kind == MARKER_GD:
             if at_end:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from importer.formats.base import Converter, ImageInfo
+from typing import Any
+
+from importer.formats.base import Converter, ImageInfo, Limits, RawTarget
+from importer.formats.decoder import ImageDecoder
+from importer.formats.snapshot import restore_decoder, snapshot_decoder, state_metadata
 
 
 class DecodeLane:
@@ -10,12 +14,14 @@ class DecodeLane:
 
     name = "decode"
 
-    def __init__(self, decoder: Converter) -> None:
+    def __init__(self, decoder: Converter, offset: int = 0) -> None:
         self.decoder = decoder
         self.info: ImageInfo | None = None
+        self.offset = offset  # bytes of the stream fed to the decoder so far
 
     def update(self, data: memoryview) -> None:
         self.decoder.feed(data)
+        self.offset += memoryview(data).nbytes
 
     def finish(self) -> None:
         self.info = self.decoder.finish()
@@ -27,3 +33,19 @@ class DecodeLane:
         if self.info is None:
             raise RuntimeError("the image is not complete yet")
         return self.info
+
+    def snapshot(self, extra: dict[str, Any] | None = None) -> bytes | None:
+        """The decoder's state and the offset it stands at (see importer.formats.snapshot);
+        None when it cannot be saved. Only while no `update` runs."""
+        if not isinstance(self.decoder, ImageDecoder) or self.info is not None:
+            return None
+        return snapshot_decoder(self.decoder, {**(extra or {}), "offset": self.offset})
+
+    @classmethod
+    def resume(cls, state: bytes, target: RawTarget, limits: Limits) -> DecodeLane:
+        """The lane of a `snapshot`, writing to `target`; raises ValueError if the state
+        cannot be used."""
+        offset = state_metadata(state)["extra"].get("offset")
+        if not isinstance(offset, int):
+            raise ValueError("the decoder state has no stream offset")
+        return cls(restore_decoder(state, target, limits), offset)

@@ -6,6 +6,9 @@ over `disk.img`, so a failed or refused transfer never leaves half-written data 
 never touches what was stored before. A block claim (a block device, or a pre-sized file
 given by path) is written in place; its zero ranges are explicitly zeroed, since the old
 contents are still there.
+
+Both can be synced and reopened, for a transfer that continues in another process from a
+snapshot (`PvcSink.snapshot`, `PvcSink.resume`).
 """
 
 from __future__ import annotations
@@ -19,10 +22,11 @@ import os
 import stat
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from importer.errors import ImageTooLarge, ProvisioningFailed, StorageFull
-from importer.formats.base import Buffer, Converter, ImageInfo
+from importer.formats.base import Buffer, Converter, ImageInfo, Limits
+from importer.formats.snapshot import state_metadata
 from importer.sinks.decode import DecodeLane
 from importer.writeback import WRITEBACK_EVERY, start_writeback
 
@@ -94,7 +98,9 @@ def _check_capacity(size: int, capacity: int | None, where: str) -> None:
 class FileClaimTarget:
     """A filesystem claim: `disk.img` in the claim directory, raw and sparse."""
 
-    def __init__(self, directory: Path, capacity: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, capacity: int | None = None, *, _reopen: bool = False
+    ) -> None:
         self.directory = directory
         self.capacity = capacity
         self.path = directory / "disk.img"
@@ -102,12 +108,75 @@ class FileClaimTarget:
         self.end = 0  # highest byte written + 1
         self.written = 0  # bytes that went to disk (holes excluded)
         self._written_at_writeback = 0
+        self._named = _reopen  # the partial file's name is durable
+        if _reopen:
+            try:
+                self.fd = os.open(self.partial, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError as exc:
+                raise ValueError(f"{self.partial} is gone: the transfer cannot go on") from exc
+            except OSError as exc:
+                _raise_os_error(exc, f"opening {self.partial}")
+            return
         try:
             directory.mkdir(parents=True, exist_ok=True)
             flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
             self.fd = os.open(self.partial, flags, 0o644)
         except OSError as exc:
             _raise_os_error(exc, f"creating {self.partial}")
+
+    @classmethod
+    def reopen(
+        cls, directory: Path, capacity: int | None, state: dict[str, Any]
+    ) -> FileClaimTarget:
+        """The target of a transfer that goes on from `state` (see `state()`): the partial
+        file as it is, not truncated. Raises ValueError if it is gone or was replaced."""
+        if state.get("kind") != "file":
+            raise ValueError(f"the state is not that of a file claim: {state!r}")
+        target = cls(directory, capacity, _reopen=True)
+        try:
+            size = os.fstat(target.fd).st_size
+            target.end = int(state["end"])
+            target.written = int(state["written"])
+            target._written_at_writeback = int(state["written_at_writeback"])
+            if size < int(state["size"]):
+                raise ValueError(
+                    f"{target.partial} holds {size} bytes, fewer than the {state['size']} "
+                    "it held at the snapshot"
+                )
+        except (KeyError, TypeError, ValueError) as exc:
+            target.close()
+            raise ValueError(f"the file claim cannot be reopened: {exc}") from exc
+        return target
+
+    def state(self) -> dict[str, Any]:
+        """The counters to reopen with (JSON-able); `sync()` makes the data durable."""
+        return {
+            "kind": "file",
+            "capacity": self.capacity,
+            "end": self.end,
+            "written": self.written,
+            "written_at_writeback": self._written_at_writeback,
+            "size": os.fstat(self.fd).st_size,
+        }
+
+    def sync(self) -> None:
+        """Makes everything written so far durable, the partial file's name (and the claim
+        directory's) included."""
+        try:
+            os.fdatasync(self.fd)
+            if not self._named:
+                _fsync_directory(self.directory)
+                _fsync_directory(self.directory.parent)
+                self._named = True
+        except OSError as exc:
+            _raise_os_error(exc, "syncing the image")
+
+    def close(self) -> None:
+        """Lets go of the partial file, leaving it in place (for a transfer that goes on
+        elsewhere)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def declare_size(self, virtual_size: int) -> None:
         _check_capacity(virtual_size, self.capacity, "the claim")
@@ -135,11 +204,7 @@ class FileClaimTarget:
             os.close(self.fd)
             self.fd = -1
             os.replace(self.partial, self.path)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_directory(self.directory)
         except OSError as exc:
             _raise_os_error(exc, "finishing the image")
 
@@ -174,6 +239,47 @@ class BlockClaimTarget:
             self.capacity = st.st_size
         self.end = 0
         self.written = 0
+
+    @classmethod
+    def reopen(cls, path: Path, state: dict[str, Any]) -> BlockClaimTarget:
+        """The target of a transfer that goes on from `state` (see `state()`). Raises
+        ValueError if the claim's size changed."""
+        if state.get("kind") != "block":
+            raise ValueError(f"the state is not that of a block claim: {state!r}")
+        target = cls(path)
+        try:
+            if target.capacity != int(state["capacity"]):
+                raise ValueError(
+                    f"{path} holds {target.capacity} bytes, not {state['capacity']} as before"
+                )
+            target.end = int(state["end"])
+            target.written = int(state["written"])
+        except (KeyError, TypeError, ValueError) as exc:
+            target.close()
+            raise ValueError(f"the block claim cannot be reopened: {exc}") from exc
+        return target
+
+    def state(self) -> dict[str, Any]:
+        """The counters to reopen with (JSON-able); `sync()` makes the data durable."""
+        return {
+            "kind": "block",
+            "capacity": self.capacity,
+            "end": self.end,
+            "written": self.written,
+        }
+
+    def sync(self) -> None:
+        """Makes everything written so far durable."""
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            _raise_os_error(exc, "syncing the image")
+
+    def close(self) -> None:
+        """Lets go of the claim without finishing it."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def declare_size(self, virtual_size: int) -> None:
         _check_capacity(virtual_size, self.capacity, f"the block claim {self.path}")
@@ -231,6 +337,14 @@ class BlockClaimTarget:
         return self.capacity
 
 
+def _fsync_directory(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while len(data):
         written = os.pwrite(fd, data, offset)
@@ -262,3 +376,38 @@ class PvcSink:
     async def abort(self) -> None:
         await asyncio.to_thread(self.decode.close)
         await asyncio.to_thread(self.target.abort)
+
+    def snapshot(self) -> bytes | None:
+        """Everything needed to continue this transfer in another process from the number
+        of bytes fed so far: the decoder's state with its stream offset (`decode.offset`),
+        and the target's counters. Before it returns, the target's data and the spill files
+        are durable; the caller then stores the state durably. Only while the lane is idle
+        (between two blocks). None when the stream cannot be saved (a compressed wrapper,
+        see importer.formats.snapshot)."""
+        state = self.decode.snapshot({"target": self.target.state()})
+        if state is not None:
+            self.target.sync()
+        return state
+
+    @classmethod
+    def resume(cls, state: bytes, location: Path, limits: Limits) -> PvcSink:
+        """The sink of a `snapshot`, on the claim it was taken on: the directory of a
+        filesystem claim, or the path of a block claim. It expects the bytes from
+        `decode.offset` on. Raises ValueError if the state cannot be used (the transfer
+        must then start over)."""
+        saved = state_metadata(state)["extra"].get("target")
+        if not isinstance(saved, dict):
+            raise ValueError("the state holds no claim target")
+        target: ClaimTarget
+        if saved.get("kind") == "block":
+            target = BlockClaimTarget.reopen(Path(location), saved)
+        else:
+            target = FileClaimTarget.reopen(Path(location), saved.get("capacity"), saved)
+        try:
+            lane = DecodeLane.resume(state, target, limits)
+        except BaseException:
+            target.close()
+            raise
+        sink = cls(target, lane.decoder)
+        sink.decode = lane
+        return sink
