@@ -153,6 +153,9 @@ class Pipeline:
         finally:
             for runner in self._runners:
                 runner.close()
+            # The buffers go now, even if an exception's traceback keeps this object alive.
+            self._free.clear()
+            self._in_flight.clear()
 
     def _checkpoint_after(self, offset: int) -> int | None:
         every = self.options.checkpoint_every

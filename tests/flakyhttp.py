@@ -1,5 +1,5 @@
-"""A deliberately faulty HTTP server, and a deliberately faulty proxy, for tests of
-downloads that break off.
+"""A deliberately faulty HTTP server, and deliberately faulty proxies, for tests of
+downloads and uploads that break off.
 
 `FlakyServer` serves one file at `/file` over plain asyncio sockets (HTTP/1.1, keep-alive,
 optionally TLS), with ETag, Last-Modified, Accept-Ranges and `Range: bytes=N-` with
@@ -10,8 +10,10 @@ is recorded for the test to look at.
 
 `CuttingProxy` forwards TCP connections to a real server (nginx) and cuts the first ones
 after some bytes of the answer, so a real server's ranges and validators can be tested.
+`RequestCuttingProxy` does the same in the other direction: it cuts requests in the
+middle of their bodies, for tests of uploads that break off.
 
-Neither is meant for anything but tests.
+None of them is meant for anything but tests.
 """
 
 from __future__ import annotations
@@ -297,6 +299,97 @@ class CuttingProxy:
                 sent += len(data)
                 await writer.drain()
         return False
+
+
+class RequestCuttingProxy:
+    """A deliberately faulty proxy, for tests only: forwards TCP connections to a server
+    on `upstream_port` and drops the connection (both sides) in the middle of a request
+    body: the n-th request that has a body is cut after `cuts[n]` bytes of it, until the
+    list is used up. Requests are parsed just enough to find their bodies
+    (Content-Length; a chunked body is counted raw and ends the parsing)."""
+
+    def __init__(self, upstream_port: int, cuts: list[int]) -> None:
+        self.upstream_port = upstream_port
+        self.cuts = list(cuts)
+        self.requests: list[tuple[str, str | None]] = []  # method, Content-Range
+        self.cut = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def url(self, upload_url: str) -> str:
+        """The same upload URL, through the proxy."""
+        path = upload_url.split("/", 3)[3]
+        return f"http://127.0.0.1:{self.port}/{path}"
+
+    def puts(self) -> list[str | None]:
+        return [content_range for method, content_range in self.requests if method == "PUT"]
+
+    async def __aenter__(self) -> RequestCuttingProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        directions = {
+            asyncio.ensure_future(self._requests(reader, up_writer)),
+            asyncio.ensure_future(_copy_answers(up_reader, writer)),
+        }
+        self._tasks |= directions
+        try:
+            await asyncio.wait(directions, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in directions:
+                task.cancel()
+            self._tasks -= directions
+            writer.transport.abort()
+            up_writer.transport.abort()
+
+    async def _requests(self, reader: asyncio.StreamReader, up: asyncio.StreamWriter) -> None:
+        """Copies requests to the server; returns at the client's end or at a cut."""
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                up.write(head)
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {}
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                self.requests.append((lines[0].split(" ")[0], headers.get("content-range")))
+                chunked = "chunked" in headers.get("transfer-encoding", "")
+                length = int(headers.get("content-length", "0"))
+                limit = self.cuts.pop(0) if (length or chunked) and self.cuts else None
+                left = None if chunked else length
+                sent = 0
+                while left is None or sent < left:
+                    want = 64 * 1024 if left is None else min(64 * 1024, left - sent)
+                    data = await reader.read(want)
+                    if not data:
+                        return
+                    if limit is not None and sent + len(data) >= limit:
+                        up.write(data[: limit - sent])
+                        await up.drain()
+                        self.cut += 1
+                        return
+                    up.write(data)
+                    await up.drain()
+                    sent += len(data)
+
+
+async def _copy_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(64 * 1024):
+            writer.write(data)
+            await writer.drain()
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -93,6 +93,7 @@ class UploadFeed:
         self.grace = grace
         self.idle_timeout = idle_timeout
         self.on_park = on_park
+        self._parked = False
         self._body: Body | None = None
         self._changed = asyncio.Event()
         self._closed = False
@@ -133,7 +134,8 @@ class UploadFeed:
         body = Body(chunks, start, open_ended)
         self._body = body
         self._changed.set()
-        if start:
+        if self._parked:
+            self._parked = False
             self.on_park(None)
         return body
 
@@ -179,7 +181,9 @@ class UploadFeed:
         finally:
             self._body = None
             body.finish(how)
-            if how not in (BodyEnd.COMPLETE, BodyEnd.STOPPED):
+            # A part that simply ended (tus sends the image in parts) is no interruption.
+            if how in (BodyEnd.BROKEN, BodyEnd.IDLE, BodyEnd.TAKEN_OVER):
+                self._parked = True
                 self.on_park(how)
 
     async def _read(self, body: Body) -> Buffer:

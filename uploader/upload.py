@@ -146,6 +146,16 @@ def _check_length(controller: ImageController, obj: Object, part: UploadPart) ->
     controller.storage.check_length(obj, known)
 
 
+def _require_upload_length(controller: ImageController, obj: Object) -> None:
+    """A tus upload ends when its length is reached, so the length must be known."""
+    transfer = controller.transfer_of(key_of(obj))
+    if transfer is None or transfer.feed is None or transfer.feed.total is None:
+        raise BadRequest(
+            "a tus PATCH needs the upload's length: send Upload-Length with the first PATCH "
+            "(tuspy: TusClient(url, headers={'Upload-Length': str(size)}))"
+        )
+
+
 async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     """Expect handler: refuse a bad token, a busy image or a wrong offset before the body
     is sent."""
@@ -156,6 +166,8 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
             part = _part(request)
             obj = controller.check_part(request.match_info["token"], part)
             _check_length(controller, obj, part)
+            if request.method == "PATCH" and part.total is None:
+                _require_upload_length(controller, obj)
         else:
             controller.find_upload(request.match_info["token"])
     except ApiError as exc:
@@ -198,6 +210,8 @@ async def put(request: web.Request) -> web.StreamResponse:
         # Pieces as they arrived: no joining into new buffers, the pipeline copies once.
         part = _part(request, _chunks(request.content.iter_any(), request.content_length))
     _check_length(controller, obj, part)
+    if request.method == "PATCH" and part.total is None:
+        _require_upload_length(controller, obj)
     how, obj_after = await controller.receive(token, part)
     offset = controller.upload_offset(key_of(obj))
     if how is BodyEnd.PARTIAL:

@@ -291,6 +291,8 @@ def test_head_get_options_on_upload_url(server: Server, tmp_path: Path) -> None:
     code, body = curl(*tus, "-H", "Upload-Offset: 5", "--data-binary", "x", url)
     assert code == 409
     code, body = curl(*tus, "-H", "Upload-Offset: 0", "--data-binary", "xy", url)
+    assert code == 400 and "Upload-Length" in body["message"]
+    code, body = curl(*tus, "-H", "Upload-Offset: 0", "-H", "Upload-Length: 10", "-d", "xy", url)
     assert code == 204
     assert head_offset(url) == 2
 
