@@ -11,6 +11,7 @@ from hypothesis import settings
 sys.path.insert(0, str(Path(__file__).parent))
 
 from nginxproc import Nginx
+from registryproc import REGISTRY, Registry
 from serverproc import Server
 
 # CI runs the fuzz tests with a fixed seed so a landing never hangs on luck; local runs
@@ -36,3 +37,15 @@ def nginx(tmp_path: Path) -> Iterator[Nginx]:
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    """A real docker-registry: anonymous, plain HTTP on loopback, deletes enabled."""
+    if not Path(REGISTRY).exists():
+        pytest.fail(f"{REGISTRY} is missing: apt-get install -y docker-registry")
+    running = Registry(tmp_path / "registry").start()
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -187,3 +187,12 @@ def background_upload(path: Path, url: str, rate: str | None = None) -> subproce
         ["curl", "-sS", *limit, "-o", "/dev/null", "-w", "%{http_code}", "-T", str(path), url],
         stdout=subprocess.PIPE,
     )
+
+
+def head_offset(url: str) -> int:
+    """`Upload-Offset` of the upload URL, as `curl -I` sees it."""
+    head = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, text=True).stdout
+    for line in head.lower().splitlines():
+        if line.startswith("upload-offset:"):
+            return int(line.split(":", 1)[1])
+    raise AssertionError(head)

@@ -209,6 +209,7 @@ async def put(request: web.Request) -> web.StreamResponse:
     else:
         # Pieces as they arrived: no joining into new buffers, the pipeline copies once.
         part = _part(request, _chunks(request.content.iter_any(), request.content_length))
+    controller.check_part(token, part)  # a wrong offset first: it says where to continue
     _check_length(controller, obj, part)
     if request.method == "PATCH" and part.total is None:
         _require_upload_length(controller, obj)

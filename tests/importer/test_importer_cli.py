@@ -9,10 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from containerdisks import OCI_TAR_GZIP, Layout, disk_layer, make_qcow2, skopeo_push
 from diskimages import MiB, sha256_file, write_disk_image
 from dvcrimage import check_image, skopeo_copy
@@ -128,15 +126,6 @@ def test_metrics_while_running(tmp_path: Path) -> None:
 
 
 # -- registries ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    running = Registry(tmp_path / "registry").start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def test_registry_image_into_a_claim(registry: Registry, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
-from serverproc import Server, curl, manifest
+from serverproc import Server, curl, head_offset, manifest
 
 EVERY = 8 * MiB
 
@@ -23,14 +23,6 @@ def srv(tmp_path: Path) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
-
-
-def head_offset(url: str) -> int:
-    head = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, text=True).stdout
-    for line in head.lower().splitlines():
-        if line.startswith("upload-offset:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError(head)
 
 
 def cut_by_the_server_dying(srv: Server, image: Path, url: str, sig: int, at: int) -> None:

@@ -21,15 +21,6 @@ from serverproc import Server, background_upload, curl, manifest
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    running = Registry(tmp_path / "registry").start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
 def dvcr_server(tmp_path: Path, registry: Registry) -> Iterator[Server]:
     srv = Server(tmp_path / "data", "--dvcr", registry.host).start()
     try:

@@ -60,15 +60,6 @@ def registry_blob_files(registry: Registry) -> list[Path]:
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    running = Registry(tmp_path / "registry").start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
 def dvcr_server(tmp_path: Path, registry: Registry) -> Iterator[Server]:
     srv = Server(tmp_path / "data", "--dvcr", registry.host).start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from diskimages import MiB, sha256_file, write_disk_image
-from serverproc import Server, background_upload, curl, manifest
+from serverproc import Server, background_upload, curl, head_offset, manifest
 
 
 def allocated(path: Path) -> int:
@@ -223,14 +223,6 @@ def test_eight_uploads_at_once(server: Server, tmp_path: Path) -> None:
     for i, (_, sha256, _) in enumerate(images):
         assert server.get(f"many-{i}")["status"]["checksum"]["sha256"] == sha256
         assert sha256_file(server.claim_dir(f"many-{i}") / "disk.img") == sha256
-
-
-def head_offset(url: str) -> int:
-    head = subprocess.run(["curl", "-sS", "-I", url], capture_output=True, text=True).stdout
-    for line in head.lower().splitlines():
-        if line.startswith("upload-offset:"):
-            return int(line.split(":", 1)[1])
-    raise AssertionError(head)
 
 
 def test_an_interrupted_upload_continues_where_it_stopped(server: Server, tmp_path: Path) -> None:

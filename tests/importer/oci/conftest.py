@@ -6,23 +6,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registryproc import REGISTRY, Registry
+from registryproc import Registry
 
 
 def _require(binary: str, package: str) -> None:
     if not shutil.which(binary) and not Path(binary).exists():
         pytest.fail(f"{binary} is missing: apt-get install -y {package}")
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    """A plain registry: anonymous, HTTP, deletes enabled."""
-    _require(REGISTRY, "docker-registry")
-    running = Registry(tmp_path / "registry").start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture

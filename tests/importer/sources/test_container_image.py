@@ -26,7 +26,7 @@ from containerdisks import (
     skopeo_push,
     tar_layer,
 )
-from registryproc import REGISTRY, Registry
+from registryproc import Registry
 from testcerts import make_ca, make_server_cert
 
 from importer.errors import InvalidImage, SourceUnreachable
@@ -42,18 +42,6 @@ DOCKER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 def _require(binary: str, package: str) -> None:
     if not shutil.which(binary) and not Path(binary).exists():
         pytest.fail(f"{binary} is missing: apt-get install -y {package}")
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> Iterator[Registry]:
-    _require(REGISTRY, "docker-registry")
-    _require("skopeo", "skopeo")
-    _require("qemu-img", "qemu-utils")
-    running = Registry(tmp_path / "registry").start()
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture
