@@ -59,6 +59,14 @@ class StartOver(SourceUnreachable):
     tried again from byte 0 (a bounded number of times)."""
 
 
+class Suspended(TransferError):
+    """The source stops here for now (the server is stopping): the pipeline saves a
+    checkpoint of everything received, then ends without committing."""
+
+    reason = "Suspended"
+    http_status = 503
+
+
 class StorageFull(TransferError):
     """The target ran out of space."""
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from importer.checksums import ChecksumLane, verify_checksums
-from importer.errors import ImageTooLarge, TransferError
+from importer.errors import ImageTooLarge, Suspended, TransferError
 from importer.formats.base import Buffer, ImageInfo
 from importer.progress import Progress
 
@@ -178,29 +178,43 @@ class Pipeline:
         block = await self._take_buffer()
         filled = 0
         received = self.start
-        limit = self.options.max_received_bytes
-        async for chunk in source:
-            view = memoryview(chunk).cast("B")
-            received += len(view)
-            if limit is not None and received > limit:
-                raise ImageTooLarge(f"the upload is larger than the limit of {limit} bytes")
-            self.progress.add(len(view))
-            while len(view):
-                n = min(len(view), len(block) - filled)
-                block[filled : filled + n] = view[:n]
-                filled += n
-                view = view[n:]
-                if filled == len(block):
-                    self._dispatch(block, filled)
-                    if self._next_checkpoint and self._dispatched >= self._next_checkpoint:
-                        await self._checkpoint()
-                    block = await self._take_buffer()
-                    filled = 0
+        try:
+            async for chunk in source:
+                block, filled, received = await self._take_in(chunk, block, filled, received)
+        except Suspended:
+            if filled:
+                self._dispatch(block, filled)
+            if self.options.on_checkpoint is not None:
+                await self._checkpoint()
+            raise
         if filled:
             self._dispatch(block, filled)
         else:
             self._free.append(block)
         return received
+
+    async def _take_in(
+        self, chunk: Buffer, block: bytearray, filled: int, received: int
+    ) -> tuple[bytearray, int, int]:
+        """Copies one received piece into blocks, dispatching each full one."""
+        limit = self.options.max_received_bytes
+        view = memoryview(chunk).cast("B")
+        received += len(view)
+        if limit is not None and received > limit:
+            raise ImageTooLarge(f"the upload is larger than the limit of {limit} bytes")
+        self.progress.add(len(view))
+        while len(view):
+            n = min(len(view), len(block) - filled)
+            block[filled : filled + n] = view[:n]
+            filled += n
+            view = view[n:]
+            if filled == len(block):
+                self._dispatch(block, filled)
+                if self._next_checkpoint and self._dispatched >= self._next_checkpoint:
+                    await self._checkpoint()
+                block = await self._take_buffer()
+                filled = 0
+        return block, filled, received
 
     def _dispatch(self, block: bytearray, length: int) -> None:
         self._dispatched += length

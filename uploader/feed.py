@@ -22,7 +22,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from importer.errors import ImageTooLarge, TransferInterrupted
+from importer.errors import ImageTooLarge, Suspended, TransferInterrupted
 from importer.formats.base import Buffer
 
 # A body that has delivered nothing for this long may be cut by a request that continues.
@@ -94,9 +94,18 @@ class UploadFeed:
         self.idle_timeout = idle_timeout
         self.on_park = on_park
         self._parked = False
+        self._suspended = False
         self._body: Body | None = None
         self._changed = asyncio.Event()
         self._closed = False
+
+    def suspend(self) -> None:
+        """Ends the stream for now (the server stops): the request streaming, if any, is
+        cut, and the transfer hears `Suspended` (it then saves a checkpoint)."""
+        self._suspended = True
+        if self._body is not None:
+            self._body._cut.set()
+        self._changed.set()
 
     @property
     def complete(self) -> bool:
@@ -175,7 +184,7 @@ class UploadFeed:
         except TransferInterrupted:
             how = BodyEnd.BROKEN
         except _Cut:
-            how = BodyEnd.TAKEN_OVER
+            how = BodyEnd.STOPPED if self._suspended else BodyEnd.TAKEN_OVER
         except TimeoutError:
             how = BodyEnd.IDLE
         finally:
@@ -211,6 +220,11 @@ class UploadFeed:
     async def _next_body(self) -> Body:
         deadline = time.monotonic() + self.grace
         while self._body is None:
+            if self._suspended:
+                raise Suspended(
+                    f"the server is stopping; the upload continues at byte {self.offset} "
+                    "once it is back"
+                )
             self._changed.clear()
             left = deadline - time.monotonic()
             if left <= 0:

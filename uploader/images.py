@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from importer.errors import TransferError, TransferInterrupted
+from importer.errors import Suspended, TransferError, TransferInterrupted
 from importer.formats.base import Buffer
 from importer.metrics import Metrics
 from importer.pipeline import Checkpoint, PipelineOptions, Sink, TransferResult
@@ -51,6 +51,8 @@ TERMINATING = "Terminating"
 
 # How often an import that waits for its source looks again.
 SOURCE_POLL_INTERVAL = 0.5
+# How long a stop waits for an upload to save its checkpoint.
+SUSPEND_TIMEOUT = 10.0
 
 
 def offset_headers(offset: int) -> dict[str, str]:
@@ -140,6 +142,7 @@ class ActiveTransfer:
     task: asyncio.Task[Any] | None
     feed: UploadFeed | None = None  # an upload's bytes, across the requests that carry them
     saved_sink: bytes | None = None  # the sink state of the upload's last checkpoint
+    resumable: bool = False  # it saves checkpoints (an upload into PVC storage)
     cancelled_by: ApiError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -264,6 +267,14 @@ class ImageController:
         self._stopping = True
         if self._expirer is not None:
             self._expirer.cancel()
+        # Uploads into PVC storage save a checkpoint of all they took, then end.
+        suspending = [t for t in self.transfers.values() if t.feed is not None and t.resumable]
+        for transfer in suspending:
+            assert transfer.feed is not None
+            transfer.feed.suspend()
+        for transfer in suspending:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(transfer.done.wait(), SUSPEND_TIMEOUT)
         for transfer in list(self.transfers.values()):
             transfer.cancel(Conflict("the server is shutting down; upload again"))
         for task in list(self._imports.values()):
@@ -662,6 +673,7 @@ class ImageController:
         def options_for(source: OpenedSource) -> PipelineOptions:
             options = self._pipeline_options(obj, source.length)
             if transfer.feed is not None and uses_pvc(obj) and self.config.checkpoint_every:
+                transfer.resumable = True
                 options.checkpoint_every = self.config.checkpoint_every
                 options.on_checkpoint = functools.partial(self._save_checkpoint, transfer, source)
             if saved is not None:
@@ -679,6 +691,9 @@ class ImageController:
             if transfer.cancelled_by is None:
                 raise
             raise transfer.cancelled_by from None
+        except Suspended:
+            self.metrics.transfers.labels("suspended").inc()
+            raise  # the image stays as it is; after the restart it continues
         except TransferInterrupted:
             self.metrics.transfers.labels("interrupted").inc()
             self._after_interrupt(transfer)
