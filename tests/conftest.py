@@ -49,3 +49,13 @@ def registry(tmp_path: Path) -> Iterator[Registry]:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture
+def dvcr_server(tmp_path: Path, registry: Registry) -> Iterator[Server]:
+    """Our server with the registry as its DVCR, named host:port as operators do."""
+    srv = Server(tmp_path / "data", "--dvcr", registry.host).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

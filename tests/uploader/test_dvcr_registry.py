@@ -10,7 +10,6 @@ import os
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from diskimages import MiB, make_iso, qemu_convert, write_disk_image
 from dvcrimage import check_image, skopeo_copy
 from registryproc import Registry
 from serverproc import Server, background_upload, curl, manifest
-
-
-@pytest.fixture
-def dvcr_server(tmp_path: Path, registry: Registry) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", "--dvcr", registry.host).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 def tags(registry: Registry, repo: str) -> list[str]:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,15 +56,6 @@ def layout_blobs(server: Server) -> set[str]:
 
 def registry_blob_files(registry: Registry) -> list[Path]:
     return sorted((registry.storage / "docker/registry/v2/blobs/sha256").glob("*/*/data"))
-
-
-@pytest.fixture
-def dvcr_server(tmp_path: Path, registry: Registry) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", "--dvcr", registry.host).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
 
 
 # -- DVCR to DVCR: no bytes copied -----------------------------------------------------------
