@@ -12,11 +12,8 @@ importer/oci/endpoint.py); `oci:DIR:repo:tag` is an OCI layout directory.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 from importer.errors import TransferError
 from importer.formats.base import Limits, NullTarget
@@ -31,9 +28,12 @@ from importer.pipeline import Sink
 from importer.sinks.dvcr import DvcrSink, ImageStore
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
 from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
-from importer.sources.container_image import open_container_image
-from importer.sources.file import file_chunks, source_length
-from importer.sources.http import HttpSource
+from importer.sources.openers import (
+    container_image_source,
+    disk_file_source,
+    file_source,
+    http_source,
+)
 from importer.transfer import OpenedSource, SourceOpener
 
 
@@ -64,56 +64,19 @@ def _split_oci(text: str) -> tuple[Path, str, str]:
 
 def source_opener(kind: str, endpoint: str, settings: RegistrySettings) -> SourceOpener:
     if kind == "http":
-        return _http(endpoint, settings)
+        return http_source(endpoint, settings.ca_bundle, settings.insecure)
     if kind == "dvcr" and endpoint.startswith("oci:"):
-        return _layout_image(endpoint)
+        directory, repo, tag = _split_oci(endpoint)
+        return disk_file_source(lambda: OciLayout(directory).open_disk(repo, tag))
     if kind in ("registry", "dvcr"):
-        return _registry_image(endpoint.removeprefix("docker://"), settings)
-    return _file(Path(endpoint))
-
-
-def _http(url: str, settings: RegistrySettings) -> SourceOpener:
-    @contextlib.asynccontextmanager
-    async def opened() -> AsyncIterator[OpenedSource]:
-        async with HttpSource(url, settings.ca_bundle, insecure=settings.insecure) as http:
-            yield OpenedSource(http.chunks(), http.length, urlparse(url).path)
-
-    return opened
-
-
-def _registry_image(image: str, settings: RegistrySettings) -> SourceOpener:
-    credentials = _credentials(settings.auth_config, Reference.parse(image).endpoint_host)
-
-    @contextlib.asynccontextmanager
-    async def opened() -> AsyncIterator[OpenedSource]:
-        async with open_container_image(
+        image = endpoint.removeprefix("docker://")
+        return container_image_source(
             image,
-            credentials=credentials,
+            credentials=_credentials(settings.auth_config, Reference.parse(image).endpoint_host),
             ca_bundle=settings.ca_bundle,
             insecure=settings.insecure,
-        ) as disk:
-            yield OpenedSource(disk.chunks, disk.size, disk.filename)
-
-    return opened
-
-
-def _layout_image(endpoint: str) -> SourceOpener:
-    directory, repo, tag = _split_oci(endpoint)
-
-    @contextlib.asynccontextmanager
-    async def opened() -> AsyncIterator[OpenedSource]:
-        async with OciLayout(directory).open_disk(repo, tag) as disk:
-            yield OpenedSource(disk.chunks, disk.size, disk.filename)
-
-    return opened
-
-
-def _file(path: Path) -> SourceOpener:
-    @contextlib.asynccontextmanager
-    async def opened() -> AsyncIterator[OpenedSource]:
-        yield OpenedSource(file_chunks(path), source_length(path), path.name)
-
-    return opened
+        )
+    return file_source(Path(endpoint))
 
 
 class Destination:

@@ -466,8 +466,9 @@ class ImageController:
                 "another upload to this image is in progress",
                 headers=offset_headers(feed.offset),
             )
-        if not part.whole and part.start != self.upload_offset(key_of(obj)):
-            raise part.wrong_offset(self.upload_offset(key_of(obj)))
+        offset = self.upload_offset(key_of(obj))
+        if not part.whole and part.start != offset:
+            raise part.wrong_offset(offset)
         return obj
 
     def transfer_of(self, key: ImageKey) -> ActiveTransfer | None:
@@ -658,6 +659,10 @@ class ImageController:
         key = transfer.key
         progress = transfer.progress
         transfer.task = asyncio.current_task()
+        # Uploads into PVC storage save checkpoints, and keep their data over a stop.
+        transfer.resumable = (
+            transfer.feed is not None and uses_pvc(obj) and bool(self.config.checkpoint_every)
+        )
         self.metrics.active_transfers.inc()
         reporter = asyncio.create_task(self._report_progress(transfer))
 
@@ -666,14 +671,13 @@ class ImageController:
                 sink = await self.storage.resume_sink(obj, saved.sink)
             else:
                 sink = await self.storage.open_sink(obj, source.length, source.filename)
-            if transfer.feed is None or not uses_pvc(obj):
+            if not transfer.resumable:
                 return sink
             return KeptOnStop(sink, lambda: self._stopping, lambda: self._drop_checkpoint(transfer))
 
         def options_for(source: OpenedSource) -> PipelineOptions:
             options = self._pipeline_options(obj, source.length)
-            if transfer.feed is not None and uses_pvc(obj) and self.config.checkpoint_every:
-                transfer.resumable = True
+            if transfer.resumable:
                 options.checkpoint_every = self.config.checkpoint_every
                 options.on_checkpoint = functools.partial(self._save_checkpoint, transfer, source)
             if saved is not None:

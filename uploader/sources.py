@@ -21,15 +21,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from importer.errors import SourceUnreachable
 from importer.oci.auth import Credentials
 from importer.oci.reference import Reference
-from importer.sources.container_image import open_container_image
 from importer.sources.disklock import hold_for_reading, in_use_by
 from importer.sources.file import fd_chunks
-from importer.sources.http import HttpSource
+from importer.sources.openers import container_image_source, disk_file_source, http_source
 from importer.transfer import OpenedSource, SourceOpener
 from uploader.config import ServerConfig
 from uploader.storage import Storage, dvcr_repo, uses_pvc
@@ -91,15 +89,8 @@ class SourcePlanner:
 
     @staticmethod
     def _http(spec: dict[str, Any]) -> SourceOpener:
-        url = spec["url"]
         ca_bundle = base64.b64decode(spec["caBundle"]) if "caBundle" in spec else None
-
-        @contextlib.asynccontextmanager
-        async def download() -> AsyncIterator[OpenedSource]:
-            async with HttpSource(url, ca_bundle) as source:
-                yield OpenedSource(source.chunks(), source.length, urlparse(url).path)
-
-        return download
+        return http_source(spec["url"], ca_bundle)
 
     def _container_image(self, obj: Object, spec: dict[str, Any]) -> SourceOpener:
         image = spec["image"]
@@ -109,15 +100,7 @@ class SourcePlanner:
             secret = spec["imagePullSecret"]
             namespace = secret.get("namespace") or obj["metadata"].get("namespace") or "default"
             credentials = self._pull_credentials(image, namespace, secret["name"])
-
-        @contextlib.asynccontextmanager
-        async def pull() -> AsyncIterator[OpenedSource]:
-            async with open_container_image(
-                image, credentials=credentials, ca_bundle=ca_bundle
-            ) as disk:
-                yield OpenedSource(disk.chunks, disk.size, disk.filename)
-
-        return pull
+        return container_image_source(image, credentials=credentials, ca_bundle=ca_bundle)
 
     def _pull_credentials(self, image: str, namespace: str, name: str) -> Credentials | None:
         path = self.config.data_dir / "secrets" / namespace / name
@@ -161,12 +144,7 @@ class SourcePlanner:
                     copy_from=(dvcr_repo(source), uid), source_image=key, source_status=status
                 )
             repo = dvcr_repo(source)
-
-            @contextlib.asynccontextmanager
-            async def from_dvcr() -> AsyncIterator[OpenedSource]:
-                async with self.storage.dvcr.open_disk(repo, uid) as disk:
-                    yield OpenedSource(disk.chunks, disk.size, disk.filename)
-
+            from_dvcr = disk_file_source(lambda: self.storage.dvcr.open_disk(repo, uid))
             return ImportPlan(open_source=from_dvcr, source_image=key)
         path = self.storage.claim_data_path(source)
         length = int(status.get("size", {}).get("unpackedBytes", "0"))

@@ -108,6 +108,7 @@ class Storage:
         # Data that arrives before the table that places it waits here, on the data disk.
         self.spill_dir = config.data_dir / "spill"
         self.spill_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = Limits(max_virtual_size=config.max_image_size, spill_dir=str(self.spill_dir))
 
     def _open_dvcr(self) -> ImageStore:
         config = self.config
@@ -130,25 +131,33 @@ class Storage:
     def claim_dir(self, obj: Object) -> Path:
         return self.config.pvc_root / obj["metadata"]["namespace"] / claim_name(obj)
 
-    def _block_link(self, obj: Object) -> Path | None:
-        block = self.claim_dir(obj) / BLOCK_LINK
+    @staticmethod
+    def _block_link(directory: Path) -> Path | None:
+        block = directory / BLOCK_LINK
         return block if block.is_symlink() or block.exists() else None
 
+    def _claim_location(self, obj: Object) -> Path:
+        """A block claim's device or file, else the claim directory."""
+        block = self._block_link(self.claim_dir(obj))
+        return block.resolve() if block is not None else self.claim_dir(obj)
+
+    @classmethod
+    def _data_path(cls, directory: Path) -> Path:
+        """Where the raw disk of a claim directory is: its block link's target, else
+        `disk.img`."""
+        block = cls._block_link(directory)
+        return block.resolve() if block is not None else directory / "disk.img"
+
     def claim_data_path(self, obj: Object) -> Path:
-        """Where a PVC image's raw disk is: the block device or file, else `disk.img`."""
-        block = self._block_link(obj)
-        return block.resolve() if block else self.claim_dir(obj) / "disk.img"
+        return self._data_path(self.claim_dir(obj))
 
     def disk_dir(self, namespace: str, name: str) -> Path:
         """The claim directory of the VirtualDisk `name` (see uploader/sources.py)."""
         return self.config.pvc_root / namespace / f"vd-{name}"
 
     def disk_path(self, namespace: str, name: str) -> Path | None:
-        directory = self.disk_dir(namespace, name)
-        for path in (directory / BLOCK_LINK, directory / "disk.img"):
-            if path.exists():
-                return path.resolve()
-        return None
+        path = self._data_path(self.disk_dir(namespace, name))
+        return path if path.exists() else None
 
     def target_status(self, obj: Object) -> dict[str, str]:
         if uses_pvc(obj):
@@ -156,11 +165,10 @@ class Storage:
         return {"registryURL": self.dvcr.reference(dvcr_repo(obj), obj["metadata"]["uid"])}
 
     def _decoder(self, target: RawTarget) -> Converter:
-        limits = Limits(max_virtual_size=self.config.max_image_size, spill_dir=str(self.spill_dir))
-        return ImageDecoder(target, limits)
+        return ImageDecoder(target, self.limits)
 
     def _claim_target(self, obj: Object) -> ClaimTarget:
-        block = self._block_link(obj)
+        block = self._block_link(self.claim_dir(obj))
         if block is not None:
             return BlockClaimTarget(block.resolve())
         return FileClaimTarget(self.claim_dir(obj), capacity=self.config.max_image_size)
@@ -199,11 +207,9 @@ class Storage:
 
     async def resume_sink(self, obj: Object, state: bytes) -> Sink:
         """The sink of an upload that continues from its checkpoint (PVC storage)."""
-        block = self._block_link(obj)
-        location = block.resolve() if block is not None else self.claim_dir(obj)
-        limits = Limits(max_virtual_size=self.config.max_image_size, spill_dir=str(self.spill_dir))
+        location = self._claim_location(obj)
         try:
-            return await asyncio.to_thread(PvcSink.resume, state, location, limits)
+            return await asyncio.to_thread(PvcSink.resume, state, location, self.limits)
         except (ValueError, OSError, TransferError) as exc:
             raise ProvisioningFailed(
                 f"the upload cannot continue from its checkpoint ({exc}); upload it again "
@@ -239,7 +245,7 @@ class Storage:
             except TransferError as exc:
                 log.warning("the DVCR tag of %s stays behind: %s", dvcr_repo(obj), exc.message)
             return
-        if self._block_link(obj) is not None:
+        if self._block_link(self.claim_dir(obj)) is not None:
             return
         directory = self.claim_dir(obj)
 

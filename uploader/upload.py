@@ -137,23 +137,23 @@ def _check_size(request: web.Request, controller: ImageController) -> None:
         raise ImageTooLarge(f"the upload of {length} bytes exceeds the limit of {limit} bytes")
 
 
-def _check_length(controller: ImageController, obj: Object, part: UploadPart) -> None:
-    """ContainerRegistry storage needs the length before the first byte (411 without)."""
+def _admit(request: web.Request, controller: ImageController, part: UploadPart) -> Object:
+    """Checks a part before its body is read: its offset first (the answer says where to
+    continue), then that the image's length is known where it must be: ContainerRegistry
+    storage writes it before the first byte (411), and a tus upload ends when it is
+    reached (400)."""
+    obj = controller.check_part(request.match_info["token"], part)
     known = part.total
     if known is None and not part.whole:
         transfer = controller.transfer_of(key_of(obj))
         known = transfer.feed.total if transfer and transfer.feed else None
     controller.storage.check_length(obj, known)
-
-
-def _require_upload_length(controller: ImageController, obj: Object) -> None:
-    """A tus upload ends when its length is reached, so the length must be known."""
-    transfer = controller.transfer_of(key_of(obj))
-    if transfer is None or transfer.feed is None or transfer.feed.total is None:
+    if request.method == "PATCH" and known is None:
         raise BadRequest(
             "a tus PATCH needs the upload's length: send Upload-Length with the first PATCH "
             "(tuspy: TusClient(url, headers={'Upload-Length': str(size)}))"
         )
+    return obj
 
 
 async def check_before_body(request: web.Request) -> web.StreamResponse | None:
@@ -163,11 +163,7 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     try:
         _check_size(request, controller)
         if request.content_type != "multipart/form-data":
-            part = _part(request)
-            obj = controller.check_part(request.match_info["token"], part)
-            _check_length(controller, obj, part)
-            if request.method == "PATCH" and part.total is None:
-                _require_upload_length(controller, obj)
+            _admit(request, controller, _part(request))
         else:
             controller.find_upload(request.match_info["token"])
     except ApiError as exc:
@@ -199,7 +195,7 @@ async def put(request: web.Request) -> web.StreamResponse:
     """PUT, POST and tus PATCH: one request's part of the image."""
     controller = _controller(request)
     token = request.match_info["token"]
-    obj = controller.find_upload(token)
+    controller.find_upload(token)  # a wrong token is 404 before anything else
     _check_size(request, controller)
     if request.content_type == "multipart/form-data":
         if request.method != "POST":
@@ -209,10 +205,7 @@ async def put(request: web.Request) -> web.StreamResponse:
     else:
         # Pieces as they arrived: no joining into new buffers, the pipeline copies once.
         part = _part(request, _chunks(request.content.iter_any(), request.content_length))
-    controller.check_part(token, part)  # a wrong offset first: it says where to continue
-    _check_length(controller, obj, part)
-    if request.method == "PATCH" and part.total is None:
-        _require_upload_length(controller, obj)
+    obj = _admit(request, controller, part)
     how, obj_after = await controller.receive(token, part)
     offset = controller.upload_offset(key_of(obj))
     if how is BodyEnd.PARTIAL:
