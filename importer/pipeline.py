@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import mmap
 from collections.abc import AsyncIterable, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from importer.checksums import ChecksumLane, verify_checksums
+from importer.directio import aligned_buffer
 from importer.errors import ImageTooLarge, Suspended, TransferError
 from importer.formats.base import Buffer, ImageInfo
 from importer.progress import Progress
@@ -130,8 +132,11 @@ class Pipeline:
         self._dispatched = self.start
         self._next_checkpoint = self._checkpoint_after(self.start)
         self._runners = [_LaneRunner(lane) for lane in (*self.checksums, *sink.lanes())]
-        self._free: list[bytearray] = [bytearray(options.block_size) for _ in range(options.depth)]
-        self._in_flight: collections.deque[tuple[asyncio.Future[list[None]], bytearray]] = (
+        # Page-aligned, so the sink may write them with O_DIRECT (see importer.directio).
+        self._free: list[mmap.mmap] = [
+            aligned_buffer(options.block_size) for _ in range(options.depth)
+        ]
+        self._in_flight: collections.deque[tuple[asyncio.Future[list[None]], mmap.mmap]] = (
             collections.deque()
         )
 
@@ -194,8 +199,8 @@ class Pipeline:
         return received
 
     async def _take_in(
-        self, chunk: Buffer, block: bytearray, filled: int, received: int
-    ) -> tuple[bytearray, int, int]:
+        self, chunk: Buffer, block: mmap.mmap, filled: int, received: int
+    ) -> tuple[mmap.mmap, int, int]:
         """Copies one received piece into blocks, dispatching each full one."""
         limit = self.options.max_received_bytes
         view = memoryview(chunk).cast("B")
@@ -216,13 +221,13 @@ class Pipeline:
                 filled = 0
         return block, filled, received
 
-    def _dispatch(self, block: bytearray, length: int) -> None:
+    def _dispatch(self, block: mmap.mmap, length: int) -> None:
         self._dispatched += length
         view = memoryview(block)[:length]
         futures = [runner.submit(runner.lane.update, view) for runner in self._runners]
         self._in_flight.append((asyncio.gather(*futures), block))
 
-    async def _take_buffer(self) -> bytearray:
+    async def _take_buffer(self) -> mmap.mmap:
         while not self._free:
             done, block = self._in_flight.popleft()
             await done

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Final
 
+from importer.directio import ALIGNMENT
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Converter, ImageInfo, Limits, RawTarget
 from importer.formats.iso import IsoConverter
@@ -29,6 +30,7 @@ from importer.formats.vmdk import VmdkConverter
 # gzip inside tar inside xz is plausible; deeper nesting is not an image anyone ships.
 MAX_WRAPPERS: Final = 4
 FOOTER_SIZE: Final = 512
+_HELD_BACK: Final = ALIGNMENT  # at least FOOTER_SIZE
 
 # The converter of each format.
 CONVERTERS: Final[dict[str, type[Converter]]] = {
@@ -170,7 +172,9 @@ class _ConverterStage:
 
 class _RawStage:
     """The stream is the disk. With `probe_footer`, the last 512 bytes are held back: a
-    fixed VHD footer there makes the image a vhd whose disk is everything before it."""
+    fixed VHD footer there makes the image a vhd whose disk is everything before it. A whole
+    ALIGNMENT is held back rather than the 512 bytes, so that the rest of each block keeps
+    its alignment and can be written directly (importer.directio)."""
 
     def __init__(self, decoder: ImageDecoder, probe_footer: bool) -> None:
         self.decoder = decoder
@@ -184,14 +188,14 @@ class _RawStage:
         if not self.probe_footer:
             self._write(data)
             return
-        if len(data) >= FOOTER_SIZE:
+        if len(data) >= _HELD_BACK:
             if self.tail:
                 self._write(memoryview(self.tail))
-            self._write(data[:-FOOTER_SIZE])
-            self.tail = bytearray(data[-FOOTER_SIZE:])
+            self._write(data[:-_HELD_BACK])
+            self.tail = bytearray(data[-_HELD_BACK:])
             return
         self.tail += data
-        excess = len(self.tail) - FOOTER_SIZE
+        excess = len(self.tail) - _HELD_BACK
         if excess > 0:
             self._write(memoryview(self.tail)[:excess])
             del self.tail[:excess]
@@ -206,13 +210,15 @@ class _RawStage:
         self.offset = end
 
     def finish(self) -> None:
-        tail = bytes(self.tail)
+        held = bytes(self.tail)
         self.tail = bytearray()
-        if len(tail) == FOOTER_SIZE:
-            if _is_dmg_trailer(tail):
+        body, footer = held[:-FOOTER_SIZE], held[-FOOTER_SIZE:]
+        if len(footer) == FOOTER_SIZE:
+            if _is_dmg_trailer(footer):
                 raise UnsupportedFormat("Apple disk images (DMG) are not supported")
-            size = fixed_vhd_size(tail)
+            size = fixed_vhd_size(footer)
             if size is not None:
+                self._write(memoryview(body))
                 if size > self.offset:
                     raise InvalidImage(
                         f"vhd: the fixed disk is truncated: its footer says {size} bytes, "
@@ -221,7 +227,7 @@ class _RawStage:
                 self.decoder.detected = "vhd"
                 self.decoder.info = ImageInfo(format="vhd", virtual_size=size)
                 return
-        self._write(memoryview(tail))
+        self._write(memoryview(held))
         self.decoder.info = ImageInfo(format="raw", virtual_size=self.offset)
 
     def close(self) -> None:

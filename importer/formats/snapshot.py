@@ -47,6 +47,7 @@ import zstandard
 from importer.formats.base import Limits, RawTarget
 from importer.formats.decoder import ImageDecoder
 from importer.formats.spillfile import SpillFile
+from importer.formats.xz import XzDecoder
 
 MAGIC: Final = b"IMGDEC\r\n"
 VERSION: Final = 1
@@ -59,6 +60,7 @@ _DECOMPRESSORS: Final = (
     bz2.BZ2Decompressor,
     zstandard.ZstdDecompressor,
     type(zstandard.ZstdDecompressor().decompressobj()),
+    XzDecoder,
 )
 
 # What a state may name besides the classes and functions of this package.

@@ -23,15 +23,15 @@ import zstandard
 from importer.errors import ImageTooLarge, InvalidImage
 from importer.formats.base import Buffer, Limits, MiB
 from importer.formats.sniff import TAR_BLOCK, tar_checksum_ok
+from importer.formats.xz import XzDecoder
 
 # Largest piece handed onward, and largest piece of input given to a decompressor at once
 # (which bounds the expansion of one call).
 PIECE: Final = 1 * MiB
 INPUT_SLICE: Final = 128 * 1024
 
-# Memory a decoder may need for its window: xz -9 needs 65 MiB, zstd's default limit is
-# 128 MiB (frames made with --long=31 are refused).
-XZ_MEMORY_LIMIT: Final = 256 * MiB
+# Memory a decoder may need for its window: zstd's default limit is 128 MiB (frames made
+# with --long=31 are refused); xz's is in importer.formats.xz.
 ZSTD_MAX_WINDOW: Final = 128 * MiB
 
 # Metadata in a tar (pax records, GNU long names) larger than this is not a disk archive.
@@ -169,11 +169,26 @@ class _BufferingReader(_MemberDecompressor):
             out = self._decompress(decoder, b"")
 
 
-class XzReader(_BufferingReader):
+class XzReader(_Unwrapper):
+    """xz streams; multi-block streams are decompressed on several threads (see
+    importer.formats.xz)."""
+
     name = "xz"
 
-    def _new_decoder(self) -> Any:
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+    def __init__(self, downstream: Stage, limits: Limits) -> None:
+        super().__init__(downstream, limits)
+        self._xz = XzDecoder(self._emit)
+
+    def feed(self, data: memoryview) -> None:
+        self._xz.feed(data)
+
+    def finish(self) -> None:
+        self._xz.finish()
+        self.downstream.finish()
+
+    def close(self) -> None:
+        self._xz.close()
+        super().close()
 
 
 class Bzip2Reader(_BufferingReader):

@@ -24,6 +24,7 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from importer.directio import is_direct_writable, open_direct
 from importer.errors import ImageTooLarge, ProvisioningFailed, StorageFull
 from importer.formats.base import Buffer, Converter, ImageInfo, Limits
 from importer.formats.snapshot import state_metadata
@@ -107,8 +108,9 @@ class FileClaimTarget:
         self.partial = directory / ".disk.img.partial"
         self.end = 0  # highest byte written + 1
         self.written = 0  # bytes that went to disk (holes excluded)
-        self._written_at_writeback = 0
+        self._buffered = 0  # bytes written through the page cache since the last writeback
         self._named = _reopen  # the partial file's name is durable
+        self.direct_fd: int | None = None  # the same file with O_DIRECT, where it works
         if _reopen:
             try:
                 self.fd = os.open(self.partial, os.O_RDWR | os.O_CLOEXEC)
@@ -116,13 +118,18 @@ class FileClaimTarget:
                 raise ValueError(f"{self.partial} is gone: the transfer cannot go on") from exc
             except OSError as exc:
                 _raise_os_error(exc, f"opening {self.partial}")
-            return
+        else:
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                self.fd = os.open(self.partial, flags, 0o644)
+            except OSError as exc:
+                _raise_os_error(exc, f"creating {self.partial}")
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-            self.fd = os.open(self.partial, flags, 0o644)
+            self.direct_fd = open_direct(self.partial)
         except OSError as exc:
-            _raise_os_error(exc, f"creating {self.partial}")
+            self.close()
+            _raise_os_error(exc, f"opening {self.partial}")
 
     @classmethod
     def reopen(
@@ -137,7 +144,6 @@ class FileClaimTarget:
             size = os.fstat(target.fd).st_size
             target.end = int(state["end"])
             target.written = int(state["written"])
-            target._written_at_writeback = int(state["written_at_writeback"])
             if size < int(state["size"]):
                 raise ValueError(
                     f"{target.partial} holds {size} bytes, fewer than the {state['size']} "
@@ -155,7 +161,6 @@ class FileClaimTarget:
             "capacity": self.capacity,
             "end": self.end,
             "written": self.written,
-            "written_at_writeback": self._written_at_writeback,
             "size": os.fstat(self.fd).st_size,
         }
 
@@ -174,6 +179,9 @@ class FileClaimTarget:
     def close(self) -> None:
         """Lets go of the partial file, leaving it in place (for a transfer that goes on
         elsewhere)."""
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -184,16 +192,18 @@ class FileClaimTarget:
     def write(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
         _check_capacity(end, self.capacity, "the claim")
+        buffered = 0
         try:
             for run_offset, run in data_runs(offset, data):
-                _pwrite_all(self.fd, run, run_offset)
+                buffered += _pwrite_all(self.fd, run, run_offset, self.direct_fd)
                 self.written += len(run)
         except OSError as exc:
             _raise_os_error(exc, "writing the image")
         self.end = max(self.end, end)
-        if self.written - self._written_at_writeback >= WRITEBACK_EVERY:
+        self._buffered += buffered
+        if self._buffered >= WRITEBACK_EVERY:
             start_writeback(self.fd)
-            self._written_at_writeback = self.written
+            self._buffered = 0
 
     def commit(self, virtual_size: int) -> None:
         """Exact size, durable, then visible as `disk.img`."""
@@ -201,17 +211,14 @@ class FileClaimTarget:
         try:
             os.ftruncate(self.fd, virtual_size)
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            self.close()
             os.replace(self.partial, self.path)
             _fsync_directory(self.directory)
         except OSError as exc:
             _raise_os_error(exc, "finishing the image")
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close()
         with contextlib.suppress(FileNotFoundError):
             self.partial.unlink()
 
@@ -345,11 +352,19 @@ def _fsync_directory(directory: Path) -> None:
         os.close(dir_fd)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, direct_fd: int | None = None) -> int:
+    """Writes all of `data`, directly when `direct_fd` is given and the write is aligned;
+    returns how many bytes went through the page cache."""
+    if direct_fd is not None and is_direct_writable(offset, data):
+        written = os.pwrite(direct_fd, data, offset)
+        data = data[written:]
+        offset += written
+    buffered = len(data)
     while len(data):
         written = os.pwrite(fd, data, offset)
         data = data[written:]
         offset += written
+    return buffered
 
 
 ClaimTarget = FileClaimTarget | BlockClaimTarget

@@ -1,0 +1,376 @@
+"""xz streams, decompressed on every core when their blocks allow it.
+
+`xz -T0` (the default since xz 5.6) cuts its output into independent blocks and writes each
+block's compressed and uncompressed size in its header. Such a stream is cut here at block
+boundaries as it arrives; each block is wrapped into a one-block xz stream of its own (the
+same header and check, a one-record index, a footer) and decompressed by liblzma on a
+worker thread (liblzma releases the GIL), a few blocks at a time, and the results are
+handed on in order. liblzma still checks every block's header, data and check; the real
+index and footer are checked here against the blocks seen.
+
+A stream whose first block does not give its sizes (plain `xz`, single-threaded), or whose
+blocks are too large to hold a few in memory, is decompressed the usual way, one piece at
+a time. Memory: at most `MAX_IN_FLIGHT` blocks of at most `MAX_BLOCK` bytes, each held
+compressed and then decompressed, plus the block being received.
+"""
+
+from __future__ import annotations
+
+import collections
+import lzma
+import os
+import struct
+import zlib
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Final
+
+from importer.errors import InvalidImage
+from importer.formats.base import Buffer, MiB
+
+MAGIC: Final = b"\xfd7zXZ\x00"
+FOOTER_MAGIC: Final = b"YZ"
+STREAM_HEADER_SIZE: Final = 12
+MAX_BLOCK: Final = 32 * MiB  # uncompressed; xz -T0 at the default preset makes 24 MiB
+MAX_IN_FLIGHT: Final = 2
+PIECE: Final = 1 * MiB
+XZ_MEMORY_LIMIT: Final = 256 * MiB
+
+_STREAM_START, _BLOCKS, _SEQUENTIAL, _PADDING = range(4)
+
+
+def check_size(check_type: int) -> int:
+    """Bytes of the check field after each block, by the stream's check type."""
+    return 0 if check_type == 0 else 4 << ((check_type - 1) // 3)
+
+
+def _vli(data: Buffer, pos: int) -> tuple[int, int]:
+    """A variable-length integer at `pos`: (value, position after it); _Short when `data`
+    ends inside it."""
+    value = 0
+    for i in range(9):
+        if pos + i >= len(data):
+            raise _Short
+        byte = data[pos + i]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value, pos + i + 1
+    raise InvalidImage("xz: a number in a header is too long")
+
+
+class _Short(Exception):
+    """More bytes are needed."""
+
+
+def _encode_vli(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _pad4(n: int) -> int:
+    return -n % 4
+
+
+def _index(records: list[tuple[int, int]]) -> bytes:
+    """An xz index: indicator, record count, (unpadded, uncompressed) sizes, padding, CRC."""
+    body = bytearray(b"\x00")
+    body += _encode_vli(len(records))
+    for unpadded, uncompressed in records:
+        body += _encode_vli(unpadded) + _encode_vli(uncompressed)
+    body += bytes(_pad4(len(body)))
+    return bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+
+def _footer(index_size: int, flags: bytes) -> bytes:
+    tail = struct.pack("<I", index_size // 4 - 1) + flags
+    return struct.pack("<I", zlib.crc32(tail)) + tail + FOOTER_MAGIC
+
+
+class _Block:
+    """A block whose header gives both sizes: its bytes are gathered, then decoded alone."""
+
+    def __init__(
+        self, stream_header: bytes, header: bytes, compressed: int, uncompressed: int, check: int
+    ) -> None:
+        self.header = header
+        self.uncompressed = uncompressed
+        self.unpadded = len(header) + compressed + check
+        # the one-block stream is built in place: stream header, block, then index and footer
+        self.data = bytearray(stream_header + header)
+        self.end = len(stream_header) + self.unpadded + _pad4(compressed)
+        self.received = len(self.data)
+        self.flags = stream_header[6:8]
+        # set for a block too large to hold: decoded as it arrives, in the lane's thread
+        self.decoder: lzma.LZMADecompressor | None = None
+
+    def tail(self) -> bytes:
+        """Index and footer of the one-block stream."""
+        index = _index([(self.unpadded, self.uncompressed)])
+        return index + _footer(len(index), self.flags)
+
+    def missing(self) -> int:
+        return self.end - self.received
+
+    def as_stream(self) -> bytearray:
+        self.data += self.tail()
+        return self.data
+
+
+def _decode_block(stream: bytearray, expected: int) -> bytes:
+    try:
+        out = lzma.decompress(stream, format=lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+    except lzma.LZMAError as exc:
+        raise InvalidImage(f"xz: the compressed stream is corrupt: {exc}") from exc
+    if len(out) != expected:
+        raise InvalidImage("xz: a block is not the size its header gives")
+    return out
+
+
+class XzDecoder:
+    """Push decoder of one or more concatenated xz streams (then zero padding); calls
+    `emit` with the decompressed data, in order, in pieces of at most PIECE bytes."""
+
+    def __init__(
+        self,
+        emit: Callable[[Buffer], None],
+        workers: int | None = None,
+        max_block: int = MAX_BLOCK,
+    ) -> None:
+        self.emit = emit
+        self.workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
+        self.max_block = max_block
+        self.streams = 0
+        self.parallel_blocks = 0  # blocks decoded on a worker (for tests and figures)
+        self._state = _STREAM_START
+        self._pending = bytearray()  # bytes not yet parsed (headers, index, footer)
+        self._stream_header = b""
+        self._block: _Block | None = None
+        self._records: list[tuple[int, int]] = []
+        self._sequential: lzma.LZMADecompressor | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._in_flight: collections.deque[Future[bytes]] = collections.deque()
+
+    # -- input --------------------------------------------------------------------------
+
+    def feed(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            if self._state == _SEQUENTIAL:
+                view = self._feed_sequential(view)
+            elif self._state == _BLOCKS and self._block is not None:
+                view = self._feed_block(view)
+            elif self._state == _PADDING:
+                view = self._feed_padding(view)
+            else:
+                self._pending += view
+                view = memoryview(b"")
+                rest = self._parse()
+                if rest:
+                    view = memoryview(rest)
+
+    def finish(self) -> None:
+        if self._state == _PADDING and not self._pending:
+            self._drain(0)
+            return
+        raise InvalidImage("xz: the compressed stream is truncated")
+
+    def close(self) -> None:
+        for future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # -- parsing ------------------------------------------------------------------------
+
+    def _parse(self) -> bytes:
+        """Parses what `_pending` holds as far as it can; returns bytes that belong to the
+        next state (the body of a block, or a sequential stream)."""
+        while True:
+            if self._state == _STREAM_START:
+                if len(self._pending) < STREAM_HEADER_SIZE + 1:
+                    return b""
+                if self._pending[:6] != MAGIC:
+                    raise InvalidImage("xz: a stream does not start with the xz magic")
+                header = bytes(self._pending[:STREAM_HEADER_SIZE])
+                if zlib.crc32(header[6:8]) != struct.unpack("<I", header[8:12])[0]:
+                    raise InvalidImage("xz: the stream header is corrupt")
+                self._stream_header = header
+                block = None
+                if self._pending[STREAM_HEADER_SIZE] != 0:  # else: a stream without blocks
+                    block = self._block_header(STREAM_HEADER_SIZE)
+                    if block is None:
+                        return b""
+                    if block is False or block.uncompressed > self.max_block:
+                        return self._start_sequential()
+                self._state = _BLOCKS
+                self._records = []
+                del self._pending[:STREAM_HEADER_SIZE]
+            if self._state != _BLOCKS:
+                return b""
+            if not self._pending:
+                return b""
+            if self._pending[0] == 0:
+                if not self._parse_index_and_footer():
+                    return b""
+                rest = bytes(self._pending)  # padding, or the next stream
+                self._pending.clear()
+                return rest
+            block = self._block_header(0)
+            if block is None:
+                return b""
+            if block is False:
+                raise InvalidImage(
+                    "xz: a block without its sizes follows blocks with sizes; this server "
+                    "decodes such streams only when every block gives its sizes"
+                )
+            if block.uncompressed > self.max_block:
+                self._drain(0)  # what comes before goes on first
+                block.decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+                self._pass_through(block.decoder, block.data)
+            self._block = block
+            del self._pending[: len(block.header)]
+            rest = bytes(self._pending)
+            self._pending.clear()
+            return rest
+
+    def _block_header(self, at: int) -> _Block | bool | None:
+        """The block whose header starts at `at` in `_pending`; None until the header is
+        all there; False for a block that does not give its sizes or is too large."""
+        size = (self._pending[at] + 1) * 4
+        if len(self._pending) < at + size:
+            return None
+        header = bytes(self._pending[at : at + size])
+        if zlib.crc32(header[:-4]) != struct.unpack("<I", header[-4:])[0]:
+            raise InvalidImage("xz: a block header is corrupt")
+        flags = header[1]
+        if not flags & 0x40 or not flags & 0x80:
+            return False
+        try:
+            compressed, pos = _vli(header, 2)
+            uncompressed, _ = _vli(header, pos)
+        except _Short:
+            raise InvalidImage("xz: a block header is corrupt") from None
+        check = check_size(self._stream_header[7] & 0x0F)
+        return _Block(self._stream_header, header, compressed, uncompressed, check)
+
+    def _feed_block(self, view: memoryview) -> memoryview:
+        block = self._block
+        assert block is not None
+        n = min(len(view), block.missing())
+        if block.decoder is None:
+            block.data += view[:n]
+        else:
+            self._pass_through(block.decoder, view[:n])
+        block.received += n
+        if not block.missing():
+            self._records.append((block.unpadded, block.uncompressed))
+            if block.decoder is None:
+                self._submit(block)
+            else:
+                self._pass_through(block.decoder, block.tail())
+                if not block.decoder.eof:
+                    raise InvalidImage("xz: a block is not the size its header gives")
+            self._block = None
+        return view[n:]
+
+    def _parse_index_and_footer(self) -> bool:
+        """The stream's index and footer, checked against the blocks seen; False until
+        they are all there."""
+        pending = self._pending
+        try:
+            count, pos = _vli(pending, 1)
+            if count != len(self._records):
+                raise InvalidImage("xz: the index does not match the blocks of the stream")
+            records = []
+            for _ in range(count):
+                unpadded, pos = _vli(pending, pos)
+                uncompressed, pos = _vli(pending, pos)
+                records.append((unpadded, uncompressed))
+        except _Short:
+            return False
+        index_size = pos + _pad4(pos) + 4
+        if len(pending) < index_size + STREAM_HEADER_SIZE:
+            return False
+        if records != self._records:
+            raise InvalidImage("xz: the index does not match the blocks of the stream")
+        (crc,) = struct.unpack_from("<I", pending, index_size - 4)
+        if zlib.crc32(pending[: index_size - 4]) != crc:
+            raise InvalidImage("xz: the index is corrupt")
+        footer = bytes(pending[index_size : index_size + STREAM_HEADER_SIZE])
+        if footer != _footer(index_size, self._stream_header[6:8]):
+            raise InvalidImage("xz: the stream footer is corrupt")
+        del pending[: index_size + STREAM_HEADER_SIZE]
+        self.streams += 1
+        self._state = _PADDING
+        return True
+
+    def _start_sequential(self) -> bytes:
+        self._state = _SEQUENTIAL
+        self._sequential = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+        self._drain(0)
+        rest = bytes(self._pending)
+        self._pending.clear()
+        return rest
+
+    def _pass_through(self, decoder: lzma.LZMADecompressor, data: Buffer) -> None:
+        """Decompresses `data` with a streaming decoder, handing on at most PIECE at once."""
+        try:
+            out = decoder.decompress(data, PIECE)
+            while True:
+                self.emit(out)
+                if decoder.eof or decoder.needs_input:
+                    return
+                out = decoder.decompress(b"", PIECE)
+        except lzma.LZMAError as exc:
+            raise InvalidImage(f"xz: the compressed stream is corrupt: {exc}") from exc
+
+    def _feed_sequential(self, view: memoryview) -> memoryview:
+        decoder = self._sequential
+        assert decoder is not None
+        self._pass_through(decoder, view[:PIECE])
+        consumed = min(len(view), PIECE)
+        if not decoder.eof:
+            return view[consumed:]
+        self._sequential = None
+        self.streams += 1
+        self._state = _PADDING
+        leftover = decoder.unused_data
+        return memoryview(leftover + bytes(view[consumed:]))
+
+    def _feed_padding(self, view: memoryview) -> memoryview:
+        """Zero bytes between and after streams; anything else starts the next stream."""
+        zeros = len(view) - len(bytes(view).lstrip(b"\x00"))
+        if zeros == len(view):
+            return view[len(view) :]
+        self._state = _STREAM_START
+        self._pending.clear()
+        return view[zeros:]
+
+    # -- decoding -----------------------------------------------------------------------
+
+    def _submit(self, block: _Block) -> None:
+        stream = block.as_stream()
+        if self.workers <= 1:
+            self._emit_all(_decode_block(stream, block.uncompressed))
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="xz")
+        self._drain(MAX_IN_FLIGHT - 1)
+        self._in_flight.append(self._executor.submit(_decode_block, stream, block.uncompressed))
+        self.parallel_blocks += 1
+
+    def _drain(self, keep: int) -> None:
+        """Hands on the oldest blocks' data until at most `keep` blocks are in flight."""
+        while len(self._in_flight) > keep:
+            self._emit_all(self._in_flight.popleft().result())
+
+    def _emit_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), PIECE):
+            self.emit(view[start : start + PIECE])
