@@ -10,11 +10,14 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from bench.curl import CurlFailed, finish_get, put_file, start_get
+from bench.imagefiles import Compressor, StoredImage
+from bench.imageio import ImageioDaemon
 from bench.nginx import Nginx
 from bench.ours import OurServer
 from bench.procstat import CpuUse, Sampler
@@ -25,6 +28,7 @@ OURS = "ours"
 NGINX_PUT = "nginx PUT"
 NGINX_PUT_FSYNC = "nginx PUT+fsync"
 NGINX_PUT_CONVERT = "nginx PUT + qemu-img convert"
+IMAGEIO_PUT = "imageio PUT"
 REGISTRY_PATCH = "curl PATCH to registry"
 CURL_GET = "curl -o"
 CURL_GET_FSYNC = "curl -o+fsync"
@@ -52,7 +56,13 @@ class Contender(Protocol):
     def run(self, tag: str) -> Sample: ...
 
 
-def _dns_name(text: str) -> str:
+class OurContender(Contender, Protocol):
+    """A contender that drives our server (or a candidate version of it)."""
+
+    server: OurServer
+
+
+def dns_name(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
 
 
@@ -68,8 +78,10 @@ class OurUpload:
         algorithms: tuple[str, ...],
         label: str = "",
         storage: str = "PersistentVolumeClaim",
+        stored: StoredImage | None = None,
     ) -> None:
         self.storage = storage
+        self.stored = stored  # what the PVC's disk.img must hold afterwards, when given
         self.server = server
         self.source = source
         self.prefix = f"{prefix}-{label}" if label else prefix
@@ -80,12 +92,14 @@ class OurUpload:
         self.response = server.data_dir.parent / f"{self.prefix}-response.json"
 
     def run(self, tag: str) -> Sample:
-        name = _dns_name(f"bench-{self.prefix}-{tag}")
+        name = dns_name(f"bench-{self.prefix}-{tag}")
         url = self.server.create_upload(name, self.storage)
         try:
             with Sampler(self.server.pid) as sampler:
                 result = put_file(self.source.path, url, self.response)
             self._check(result.code, result.body)
+            if self.stored is not None:
+                self._check_disk(self.server.claim_dir(name) / "disk.img", self.stored)
         finally:
             self.server.delete(name)
             settle()
@@ -104,6 +118,12 @@ class OurUpload:
                 raise RunFailed(f"our server reports {algorithm} {got}, the file has {want}")
         if answer.get("phase") != "Ready":
             raise RunFailed(f"the image is not Ready after the upload: {answer}")
+
+    @staticmethod
+    def _check_disk(disk: Path, stored: StoredImage) -> None:
+        wrong = stored.differs_from(disk)
+        if wrong:
+            raise RunFailed(f"our server's {disk.name}: {wrong}")
 
 
 class OurHttpImport(OurUpload):
@@ -126,7 +146,7 @@ class OurHttpImport(OurUpload):
         self.url = url
 
     def run(self, tag: str) -> Sample:
-        name = _dns_name(f"bench-{self.prefix}-{tag}")
+        name = dns_name(f"bench-{self.prefix}-{tag}")
         try:
             with Sampler(self.server.pid) as sampler:
                 seconds, obj = self.server.import_http(name, self.url, self.storage)
@@ -221,13 +241,13 @@ class NginxPut:
             raise RunFailed(str(exc)) from None
         finally:
             path.unlink(missing_ok=True)
-            _remove_empty(path.parent, self.nginx.root)
+            remove_empty(path.parent, self.nginx.root)
             settle()
         seconds = {NGINX_PUT: result.seconds, NGINX_PUT_FSYNC: result.seconds + fsync}
         return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
 
 
-def _remove_empty(directory: Path, stop: Path) -> None:
+def remove_empty(directory: Path, stop: Path) -> None:
     while directory != stop and stop in directory.parents:
         try:
             directory.rmdir()
@@ -236,22 +256,41 @@ def _remove_empty(directory: Path, stop: Path) -> None:
         directory = directory.parent
 
 
+def nginx_put_convert_series(decompressor: Compressor | None = None) -> str:
+    if decompressor is None:
+        return NGINX_PUT_CONVERT
+    return f"nginx PUT + {decompressor.decompress[0]} -d + qemu-img convert"
+
+
 class NginxPutConvert:
     """What a scratch-space importer does: nginx stores the upload, then `qemu-img convert`
-    writes the raw disk, which is fsynced (as our server's is before it answers)."""
+    writes the raw disk, which is fsynced (as our server's is before it answers). With a
+    `decompressor`, the upload is a compressed image: it is first decompressed into a
+    scratch file beside the disk (qemu-img needs a file it can seek in)."""
 
     name = "nginx+convert"
-    series = (NGINX_PUT_CONVERT,)
 
-    def __init__(self, nginx: Nginx, source: SourceFile, fmt: str, target_dir: Path) -> None:
+    def __init__(
+        self,
+        nginx: Nginx,
+        source: SourceFile,
+        fmt: str,
+        target_dir: Path,
+        decompressor: Compressor | None = None,
+    ) -> None:
         self.nginx = nginx
         self.source = source
         self.fmt = fmt
         self.target_dir = target_dir
+        self.decompressor = decompressor
+        self.series = (nginx_put_convert_series(decompressor),)
         self.response = nginx.prefix / "response.txt"
 
     def run(self, tag: str) -> Sample:
-        url, path = self.nginx.target(f"{tag}/disk.{self.fmt}")
+        suffix = self.decompressor.suffix if self.decompressor else ""
+        url, path = self.nginx.target(f"{tag}/disk.{self.fmt}{suffix}")
+        self.target_dir.mkdir(parents=True, exist_ok=True)
+        scratch = self.target_dir / f"{tag}.{self.fmt}"
         raw = self.target_dir / f"{tag}.raw"
         try:
             with Sampler(self.nginx.worker_pid()) as sampler:
@@ -259,19 +298,71 @@ class NginxPutConvert:
                 if result.code not in (201, 204):
                     raise RunFailed(f"nginx answered {result.code}: {result.body[:500]!r}")
                 started = time.perf_counter()
-                convert = ["qemu-img", "convert", "-f", self.fmt, "-O", "raw", str(path), str(raw)]
+                image = path
+                if self.decompressor is not None:
+                    with open(scratch, "wb") as out:
+                        decompress = [*self.decompressor.decompress, str(path)]
+                        subprocess.run(decompress, stdout=out, stderr=subprocess.PIPE, check=True)
+                    image = scratch
+                convert = ["qemu-img", "convert", "-f", self.fmt, "-O", "raw", str(image), str(raw)]
                 subprocess.run(convert, check=True, capture_output=True)
                 fsync_path(raw)
                 converted = time.perf_counter() - started
-        except (CurlFailed, subprocess.CalledProcessError) as exc:
+        except CurlFailed as exc:
+            raise RunFailed(str(exc)) from None
+        except subprocess.CalledProcessError as exc:
+            raise RunFailed(f"{exc}: {exc.stderr!r}") from None
+        finally:
+            path.unlink(missing_ok=True)
+            scratch.unlink(missing_ok=True)
+            raw.unlink(missing_ok=True)
+            remove_empty(path.parent, self.nginx.root)
+            settle()
+        seconds = {self.series[0]: result.seconds + converted}
+        return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
+
+
+class ImageioPut:
+    """`curl -T` to ovirt-imageio's daemon into a file on the same disk. The target file is
+    made (empty, of the right size: the daemon writes into an existing file) and a ticket
+    added before the clock starts; the daemon answers once the data is flushed."""
+
+    name = "imageio"
+    series = (IMAGEIO_PUT,)
+
+    def __init__(self, daemon: ImageioDaemon, source: SourceFile, target_dir: Path) -> None:
+        self.daemon = daemon
+        self.source = source
+        self.target_dir = target_dir
+        self.response = daemon.prefix / "response.txt"
+
+    def run(self, tag: str) -> Sample:
+        self.target_dir.mkdir(parents=True, exist_ok=True)
+        path = self.target_dir / f"{tag}.img"
+        ticket = str(uuid.uuid4())
+        with open(path, "wb") as f:
+            f.truncate(self.source.size)
+        try:
+            self.daemon.add_ticket(ticket, path, self.source.size)
+            try:
+                url = self.daemon.image_url(ticket)
+                with Sampler(self.daemon.pid) as sampler:
+                    result = put_file(self.source.path, url, self.response)
+            finally:
+                self.daemon.remove_ticket(ticket)
+            if result.code != 200:
+                raise RunFailed(f"ovirt-imageio answered {result.code}: {result.body[:500]!r}")
+            size = path.stat().st_size
+            if size != self.source.size:
+                raise RunFailed(f"ovirt-imageio left {size} bytes of {self.source.size}")
+        except CurlFailed as exc:
             raise RunFailed(str(exc)) from None
         finally:
             path.unlink(missing_ok=True)
-            raw.unlink(missing_ok=True)
-            _remove_empty(path.parent, self.nginx.root)
             settle()
-        seconds = {NGINX_PUT_CONVERT: result.seconds + converted}
-        return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
+        return Sample(
+            {IMAGEIO_PUT: result.seconds}, self.source.size, sampler.cpu(), sampler.peak_rss_kib
+        )
 
 
 class RegistryPatch:
@@ -287,7 +378,7 @@ class RegistryPatch:
         self.source = source
 
     def run(self, tag: str) -> Sample:
-        repo = f"bench/{_dns_name(tag)}"
+        repo = f"bench/{dns_name(tag)}"
         started = time.perf_counter()
         with Sampler(self.registry.pid) as sampler:
             request = urllib.request.Request(

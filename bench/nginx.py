@@ -3,8 +3,9 @@
 The configuration is generated into the run's directory; nginx runs in the foreground
 (`daemon off`) as root, with its pid file, logs and request body buffers under its prefix,
 so a PUT is written to a body file on the target's filesystem and renamed into place.
-`worker_processes 1` is nginx's built-in default (Debian's packaged nginx.conf says `auto`);
-one upload is served by one worker either way.
+`workers` is nginx's `worker_processes`: 1 by default, nginx's built-in default, as one
+upload is served by one worker either way; scenarios with uploads at once use `auto`
+(Debian's packaged nginx.conf; one per CPU), so nginx may use every core as ours does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bench.process import ChildProcess, free_port
 CONFIG = """\
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes {workers};
 user root;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;
@@ -59,15 +60,18 @@ def nginx_binary() -> str:
 class Nginx:
     """One nginx on a loopback port; PUT /PATH lands in `root/PATH`."""
 
-    def __init__(self, prefix: Path) -> None:
+    def __init__(self, prefix: Path, workers: int | str = 1) -> None:
         self.prefix = prefix
+        self.workers = workers
         self.root = prefix / "root"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: ChildProcess | None = None
 
     def config(self) -> str:
-        return CONFIG.format(prefix=self.prefix, root=self.root, port=self.port)
+        return CONFIG.format(
+            prefix=self.prefix, root=self.root, port=self.port, workers=self.workers
+        )
 
     def start(self) -> Nginx:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -102,7 +106,8 @@ class Nginx:
             self.process = None
 
     def worker_pid(self) -> int:
-        """The worker process that serves requests (nginx's master only supervises)."""
+        """A worker process that serves requests (nginx's master only supervises); the
+        only one with `workers` 1."""
         if self.process is None:
             raise RuntimeError("nginx is not running")
         master = self.process.pid

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -26,25 +27,37 @@ HEADER = (
 class Row:
     scenario: str
     ours: float
-    baseline: str
-    base: float
-    ratio: float
-    target: float | None
+    baseline: str | None  # None: a scenario without a baseline (its target is on memory)
+    base: float | None
+    ratio: float | None
+    target: float | None  # the least ratio
     peak_rss_kib: int | None
+    max_rss_mib: int | None = None  # the most peak RSS
 
     @property
     def met(self) -> bool | None:
-        return None if self.target is None else self.ratio >= self.target
+        checks: list[bool] = []
+        if self.target is not None and self.ratio is not None:
+            checks.append(self.ratio >= self.target)
+        if self.max_rss_mib is not None:
+            rss = self.peak_rss_kib
+            checks.append(rss is not None and rss <= self.max_rss_mib * 1024)
+        return all(checks) if checks else None
 
     def cells(self) -> tuple[str, ...]:
         met = {None: "", True: "yes", False: "NO"}[self.met]
+        targets = []
+        if self.target is not None:
+            targets.append(f">= {self.target:.2f}")
+        if self.max_rss_mib is not None:
+            targets.append(f"RSS <= {self.max_rss_mib} MiB")
         return (
             self.scenario,
             f"{self.ours:.0f}",
-            self.baseline,
-            f"{self.base:.0f}",
-            f"{self.ratio:.2f}",
-            "" if self.target is None else f">= {self.target:.2f}",
+            self.baseline or "-",
+            "-" if self.base is None else f"{self.base:.0f}",
+            "-" if self.ratio is None else f"{self.ratio:.2f}",
+            ", ".join(targets),
             met,
             _mib(self.peak_rss_kib),
         )
@@ -55,25 +68,24 @@ def _mib(kib: int | None) -> str:
 
 
 def rows(results: list[ScenarioResult]) -> list[Row]:
+    """One row per server and comparison whose baseline was measured; a server with none
+    (no baseline in the scenario, or none could run) gets one row of its own figures."""
     out: list[Row] = []
     for result in results:
+        scenario = result.scenario
         for server in result.servers:
             ours = statistics.median(result.mbps[server.series])
             label = server.series.removeprefix(OURS)
-            name = f"{result.scenario.name} {label}" if label else result.scenario.name
-            for comparison in result.scenario.comparisons:
+            name = f"{scenario.name} {label}" if label else scenario.name
+            row = functools.partial(
+                Row, name, ours, peak_rss_kib=server.peak_rss_kib, max_rss_mib=scenario.max_rss_mib
+            )
+            compared = [c for c in scenario.comparisons if result.mbps.get(c.baseline)]
+            for comparison in compared:
                 base = statistics.median(result.mbps[comparison.baseline])
-                out.append(
-                    Row(
-                        name,
-                        ours,
-                        comparison.baseline,
-                        base,
-                        ours / base,
-                        comparison.target,
-                        server.peak_rss_kib,
-                    )
-                )
+                out.append(row(comparison.baseline, base, ours / base, comparison.target))
+            if not compared:
+                out.append(row(None, None, None, None))
     return out
 
 
@@ -123,8 +135,14 @@ def details(results: list[ScenarioResult]) -> str:
     lines: list[str] = []
     for result in results:
         lines.append(f"{result.scenario.name}: {result.scenario.description}")
+        names = [*result.mbps, *(c.baseline for c in result.scenario.comparisons)]
+        width = max([16, *(len(name) for name in names)])
+        for comparison in result.scenario.comparisons:
+            if not result.mbps.get(comparison.baseline):
+                lines.append(f"  {comparison.baseline:<{width}} not measured (see the note above)")
         for series, values in result.mbps.items():
-            lines.append(f"  {series:<16} MB/s per round: " + " ".join(f"{v:.0f}" for v in values))
+            per_round = " ".join(f"{v:.0f}" for v in values)
+            lines.append(f"  {series:<{width}} MB/s per round: {per_round}")
         for contender, runs in result.cpu.items():
             lines.append(f"  {contender} CPU per run (median): {_cpu_summary(runs)}")
         for server in result.servers:
@@ -148,6 +166,7 @@ def as_json(results: list[ScenarioResult], meta: dict[str, Any]) -> dict[str, An
                 "target": r.target,
                 "met": r.met,
                 "peak_rss_kib": r.peak_rss_kib,
+                "max_rss_mib": r.max_rss_mib,
             }
             for r in rows(results)
         ],

@@ -1,4 +1,5 @@
-"""Runs a scenario: warm-up, then rounds of ours and each baseline in turn (A B A B ...)."""
+"""Runs a scenario: warm-up, then rounds of ours and each baseline in turn (A B A B ...).
+A scenario marked `single_run` runs once, measured, without warm-up."""
 
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ def run_scenario(
     log: Callable[[str], None] = _stderr,
 ) -> ScenarioResult:
     result = ScenarioResult(scenario)
+    if scenario.single_run:
+        rounds, warmup = 1, 0
     with ExitStack() as stack:
         ours, baselines = scenario.open(ctx, stack, scenario.name)
         contenders: list[Contender] = [*ours, *baselines]

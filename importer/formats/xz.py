@@ -91,7 +91,9 @@ def _footer(index_size: int, flags: bytes) -> bytes:
 
 
 class _Block:
-    """A block whose header gives both sizes: its bytes are gathered, then decoded alone."""
+    """A block whose header gives both sizes, as a one-block stream of its own: stream
+    header, block header, the block's data, padding and check (its body, as received),
+    then an index and a footer made for it."""
 
     def __init__(
         self, stream_header: bytes, header: bytes, compressed: int, uncompressed: int, check: int
@@ -99,35 +101,49 @@ class _Block:
         self.header = header
         self.uncompressed = uncompressed
         self.unpadded = len(header) + compressed + check
-        # the one-block stream is built in place: stream header, block, then index and footer
-        self.data = bytearray(stream_header + header)
-        self.end = len(stream_header) + self.unpadded + _pad4(compressed)
-        self.received = len(self.data)
-        self.flags = stream_header[6:8]
+        self.head = stream_header + header
+        self.body_size = compressed + _pad4(compressed) + check
+        index = _index([(self.unpadded, uncompressed)])
+        self.tail = index + _footer(len(index), stream_header[6:8])
+        self.received = 0  # bytes of the body
+        self.stream: bytearray | None = None  # the whole stream, for a block held to decode
         # set for a block too large to hold: decoded as it arrives, in the lane's thread
         self.decoder: lzma.LZMADecompressor | None = None
 
-    def tail(self) -> bytes:
-        """Index and footer of the one-block stream."""
-        index = _index([(self.unpadded, self.uncompressed)])
-        return index + _footer(len(index), self.flags)
+    def hold(self) -> None:
+        """Gather the body in one buffer of the stream's exact size."""
+        self.stream = bytearray(len(self.head) + self.body_size + len(self.tail))
+        self.stream[: len(self.head)] = self.head
+        self.stream[len(self.stream) - len(self.tail) :] = self.tail
+
+    def take(self, data: memoryview) -> None:
+        assert self.stream is not None
+        at = len(self.head) + self.received
+        self.stream[at : at + len(data)] = data
+        self.received += len(data)
 
     def missing(self) -> int:
-        return self.end - self.received
-
-    def as_stream(self) -> bytearray:
-        self.data += self.tail()
-        return self.data
+        return self.body_size - self.received
 
 
-def _decode_block(stream: bytearray, expected: int) -> bytes:
+def _decode_block(stream: bytearray, expected: int) -> list[bytes]:
+    """A one-block stream's data, in pieces of at most PIECE (never joined: no second copy
+    of the block in memory)."""
+    decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+    pieces: list[bytes] = []
+    data: Buffer = stream
     try:
-        out = lzma.decompress(stream, format=lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+        while not decoder.eof:
+            piece = decoder.decompress(data, PIECE)
+            data = b""
+            if not piece and decoder.needs_input:
+                raise InvalidImage("xz: a block ends early")
+            pieces.append(piece)
     except lzma.LZMAError as exc:
         raise InvalidImage(f"xz: the compressed stream is corrupt: {exc}") from exc
-    if len(out) != expected:
+    if sum(map(len, pieces)) != expected:
         raise InvalidImage("xz: a block is not the size its header gives")
-    return out
+    return pieces
 
 
 class XzDecoder:
@@ -232,7 +248,9 @@ class XzDecoder:
             if block.uncompressed > self.max_block:
                 self._drain(0)  # what comes before goes on first
                 block.decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
-                self._pass_through(block.decoder, block.data)
+                self._pass_through(block.decoder, block.head)
+            else:
+                block.hold()
             self._block = block
             del self._pending[: len(block.header)]
             rest = bytes(self._pending)
@@ -264,16 +282,16 @@ class XzDecoder:
         assert block is not None
         n = min(len(view), block.missing())
         if block.decoder is None:
-            block.data += view[:n]
+            block.take(view[:n])
         else:
             self._pass_through(block.decoder, view[:n])
-        block.received += n
+            block.received += n
         if not block.missing():
             self._records.append((block.unpadded, block.uncompressed))
             if block.decoder is None:
                 self._submit(block)
             else:
-                self._pass_through(block.decoder, block.tail())
+                self._pass_through(block.decoder, block.tail)
                 if not block.decoder.eof:
                     raise InvalidImage("xz: a block is not the size its header gives")
             self._block = None
@@ -355,7 +373,8 @@ class XzDecoder:
     # -- decoding -----------------------------------------------------------------------
 
     def _submit(self, block: _Block) -> None:
-        stream = block.as_stream()
+        stream, block.stream = block.stream, None
+        assert stream is not None
         if self.workers <= 1:
             self._emit_all(_decode_block(stream, block.uncompressed))
             return
@@ -370,7 +389,6 @@ class XzDecoder:
         while len(self._in_flight) > keep:
             self._emit_all(self._in_flight.popleft().result())
 
-    def _emit_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        for start in range(0, len(view), PIECE):
-            self.emit(view[start : start + PIECE])
+    def _emit_all(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self.emit(piece)
