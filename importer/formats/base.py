@@ -21,6 +21,9 @@ MiB = 1 << 20
 GiB = 1 << 30
 TiB = 1 << 40
 
+# Largest piece an unwrapper (gzip, xz, zstd, bzip2) hands onward at once.
+PIECE = 1 * MiB
+
 
 @dataclass(frozen=True)
 class ImageInfo:

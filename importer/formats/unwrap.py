@@ -12,7 +12,6 @@ that line, after bounded work.
 from __future__ import annotations
 
 import bz2
-import lzma
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -21,13 +20,12 @@ from typing import Any, Final, Protocol
 import zstandard
 
 from importer.errors import ImageTooLarge, InvalidImage
-from importer.formats.base import Buffer, Limits, MiB
+from importer.formats.base import PIECE, Buffer, Limits, MiB
 from importer.formats.sniff import TAR_BLOCK, tar_checksum_ok
 from importer.formats.xz import XzDecoder
 
-# Largest piece handed onward, and largest piece of input given to a decompressor at once
-# (which bounds the expansion of one call).
-PIECE: Final = 1 * MiB
+# Largest piece of input given to a decompressor at once (which bounds the expansion of one
+# call); pieces handed onward are at most PIECE.
 INPUT_SLICE: Final = 128 * 1024
 
 # Memory a decoder may need for its window: zstd's default limit is 128 MiB (frames made
@@ -83,7 +81,7 @@ class _Unwrapper:
 
 
 class _MemberDecompressor(_Unwrapper):
-    """gzip, xz and bzip2: a sequence of independent members, each with its own end, then
+    """gzip and bzip2: a sequence of independent members, each with its own end, then
     optional zero padding."""
 
     def __init__(self, downstream: Stage, limits: Limits) -> None:
@@ -103,7 +101,7 @@ class _MemberDecompressor(_Unwrapper):
     def _decompress(self, decoder: Any, data: Buffer) -> bytes:
         try:
             return decoder.decompress(data, PIECE)
-        except (zlib.error, lzma.LZMAError, OSError, EOFError) as exc:
+        except (zlib.error, OSError, EOFError) as exc:
             raise InvalidImage(f"{self.name}: the compressed stream is corrupt: {exc}") from exc
 
     def feed(self, data: memoryview) -> None:
@@ -156,7 +154,7 @@ class GzipReader(_MemberDecompressor):
 
 
 class _BufferingReader(_MemberDecompressor):
-    """Decoders that keep unconsumed input themselves (`needs_input`): xz, bzip2."""
+    """Decoders that keep unconsumed input themselves (`needs_input`): bzip2."""
 
     def _run(self, decoder: Any, data: memoryview) -> int:
         out = self._decompress(decoder, data)

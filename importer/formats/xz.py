@@ -26,14 +26,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Final
 
 from importer.errors import InvalidImage
-from importer.formats.base import Buffer, MiB
+from importer.formats.base import PIECE, Buffer, MiB
 
 MAGIC: Final = b"\xfd7zXZ\x00"
 FOOTER_MAGIC: Final = b"YZ"
 STREAM_HEADER_SIZE: Final = 12
 MAX_BLOCK: Final = 32 * MiB  # uncompressed; xz -T0 at the default preset makes 24 MiB
 MAX_IN_FLIGHT: Final = 2
-PIECE: Final = 1 * MiB
 XZ_MEMORY_LIMIT: Final = 256 * MiB
 
 _STREAM_START, _BLOCKS, _SEQUENTIAL, _PADDING = range(4)
@@ -42,6 +41,10 @@ _STREAM_START, _BLOCKS, _SEQUENTIAL, _PADDING = range(4)
 def check_size(check_type: int) -> int:
     """Bytes of the check field after each block, by the stream's check type."""
     return 0 if check_type == 0 else 4 << ((check_type - 1) // 3)
+
+
+class _Short(Exception):
+    """More bytes are needed."""
 
 
 def _vli(data: Buffer, pos: int) -> tuple[int, int]:
@@ -56,10 +59,6 @@ def _vli(data: Buffer, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, pos + i + 1
     raise InvalidImage("xz: a number in a header is too long")
-
-
-class _Short(Exception):
-    """More bytes are needed."""
 
 
 def _encode_vli(value: int) -> bytes:
@@ -168,7 +167,7 @@ class XzDecoder:
         self._records: list[tuple[int, int]] = []
         self._sequential: lzma.LZMADecompressor | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._in_flight: collections.deque[Future[bytes]] = collections.deque()
+        self._in_flight: collections.deque[Future[list[bytes]]] = collections.deque()
 
     # -- input --------------------------------------------------------------------------
 
