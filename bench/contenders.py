@@ -4,6 +4,7 @@ and the disk synced, so the next run starts from the same state."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -11,6 +12,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,7 +191,7 @@ class CurlGet:
     def run(self, tag: str) -> Sample:
         self.target_dir.mkdir(parents=True, exist_ok=True)
         path = self.target_dir / f"{tag}.img"
-        try:
+        with baseline_run(path):
             proc = start_get(self.url, path)
             with Sampler(proc.pid) as sampler:
                 result = finish_get(proc, self.url)
@@ -202,11 +204,6 @@ class CurlGet:
             size = path.stat().st_size
             if size != self.source.size:
                 raise RunFailed(f"curl stored {size} bytes of {self.source.size}")
-        except CurlFailed as exc:
-            raise RunFailed(str(exc)) from None
-        finally:
-            path.unlink(missing_ok=True)
-            settle()
         seconds = {CURL_GET: result.seconds, CURL_GET_FSYNC: result.seconds + fsync}
         return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
 
@@ -225,7 +222,7 @@ class NginxPut:
 
     def run(self, tag: str) -> Sample:
         url, path = self.nginx.target(f"{tag}/disk.img")
-        try:
+        with baseline_run(path, root=self.nginx.root):
             with Sampler(self.nginx.worker_pid()) as sampler:
                 result = put_file(self.source.path, url, self.response)
                 started = time.perf_counter()
@@ -237,14 +234,27 @@ class NginxPut:
             size = path.stat().st_size
             if size != self.source.size:
                 raise RunFailed(f"nginx stored {size} bytes of {self.source.size}")
-        except CurlFailed as exc:
-            raise RunFailed(str(exc)) from None
-        finally:
-            path.unlink(missing_ok=True)
-            remove_empty(path.parent, self.nginx.root)
-            settle()
         seconds = {NGINX_PUT: result.seconds, NGINX_PUT_FSYNC: result.seconds + fsync}
         return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
+
+
+@contextlib.contextmanager
+def baseline_run(*paths: Path, root: Path | None = None) -> Iterator[None]:
+    """One run of a baseline: failures of curl or of a tool it runs end it as RunFailed;
+    whatever happens, its files are deleted afterwards (and, with `root`, the first one's
+    emptied directories up to it) and the disk is settled for the next run."""
+    try:
+        yield
+    except CurlFailed as exc:
+        raise RunFailed(str(exc)) from None
+    except subprocess.CalledProcessError as exc:
+        raise RunFailed(f"{exc}: {exc.stderr!r}") from None
+    finally:
+        for path in paths:
+            path.unlink(missing_ok=True)
+        if root is not None:
+            remove_empty(paths[0].parent, root)
+        settle()
 
 
 def remove_empty(directory: Path, stop: Path) -> None:
@@ -292,32 +302,24 @@ class NginxPutConvert:
         self.target_dir.mkdir(parents=True, exist_ok=True)
         scratch = self.target_dir / f"{tag}.{self.fmt}"
         raw = self.target_dir / f"{tag}.raw"
-        try:
-            with Sampler(self.nginx.worker_pid()) as sampler:
-                result = put_file(self.source.path, url, self.response)
-                if result.code not in (201, 204):
-                    raise RunFailed(f"nginx answered {result.code}: {result.body[:500]!r}")
-                started = time.perf_counter()
-                image = path
-                if self.decompressor is not None:
-                    with open(scratch, "wb") as out:
-                        decompress = [*self.decompressor.decompress, str(path)]
-                        subprocess.run(decompress, stdout=out, stderr=subprocess.PIPE, check=True)
-                    image = scratch
-                convert = ["qemu-img", "convert", "-f", self.fmt, "-O", "raw", str(image), str(raw)]
-                subprocess.run(convert, check=True, capture_output=True)
-                fsync_path(raw)
-                converted = time.perf_counter() - started
-        except CurlFailed as exc:
-            raise RunFailed(str(exc)) from None
-        except subprocess.CalledProcessError as exc:
-            raise RunFailed(f"{exc}: {exc.stderr!r}") from None
-        finally:
-            path.unlink(missing_ok=True)
-            scratch.unlink(missing_ok=True)
-            raw.unlink(missing_ok=True)
-            remove_empty(path.parent, self.nginx.root)
-            settle()
+        with (
+            baseline_run(path, scratch, raw, root=self.nginx.root),
+            Sampler(self.nginx.worker_pid()) as sampler,
+        ):
+            result = put_file(self.source.path, url, self.response)
+            if result.code not in (201, 204):
+                raise RunFailed(f"nginx answered {result.code}: {result.body[:500]!r}")
+            started = time.perf_counter()
+            image = path
+            if self.decompressor is not None:
+                with open(scratch, "wb") as out:
+                    decompress = [*self.decompressor.decompress, str(path)]
+                    subprocess.run(decompress, stdout=out, stderr=subprocess.PIPE, check=True)
+                image = scratch
+            convert = ["qemu-img", "convert", "-f", self.fmt, "-O", "raw", str(image), str(raw)]
+            subprocess.run(convert, check=True, capture_output=True)
+            fsync_path(raw)
+            converted = time.perf_counter() - started
         seconds = {self.series[0]: result.seconds + converted}
         return Sample(seconds, self.source.size, sampler.cpu(), sampler.peak_rss_kib)
 
@@ -342,7 +344,7 @@ class ImageioPut:
         ticket = str(uuid.uuid4())
         with open(path, "wb") as f:
             f.truncate(self.source.size)
-        try:
+        with baseline_run(path):
             self.daemon.add_ticket(ticket, path, self.source.size)
             try:
                 url = self.daemon.image_url(ticket)
@@ -355,11 +357,6 @@ class ImageioPut:
             size = path.stat().st_size
             if size != self.source.size:
                 raise RunFailed(f"ovirt-imageio left {size} bytes of {self.source.size}")
-        except CurlFailed as exc:
-            raise RunFailed(str(exc)) from None
-        finally:
-            path.unlink(missing_ok=True)
-            settle()
         return Sample(
             {IMAGEIO_PUT: result.seconds}, self.source.size, sampler.cpu(), sampler.peak_rss_kib
         )

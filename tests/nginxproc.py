@@ -30,8 +30,7 @@ http {{
     scgi_temp_path {root}/scgi;
     server {{
         listen 127.0.0.1:{port};
-        {tls}
-        root {files};
+        {server}
     }}
 }}
 """
@@ -39,9 +38,13 @@ TLS = "listen 127.0.0.1:{port} ssl; ssl_certificate {cert}; ssl_certificate_key 
 
 
 class Nginx:
-    def __init__(self, root: Path, tls: tuple[Path, Path] | None = None) -> None:
-        """`tls` (certificate, key) adds an HTTPS listener at `https_url`."""
+    def __init__(
+        self, root: Path, tls: tuple[Path, Path] | None = None, server: str | None = None
+    ) -> None:
+        """`tls` (certificate, key) adds an HTTPS listener at `https_url`. `server`, when
+        given, is the server block's configuration instead of serving `files`."""
         self.root = root
+        self._server = server
         self.files = root / "files"
         self.files.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -55,12 +58,13 @@ class Nginx:
         config = self.root / "nginx.conf"
         # Workers read the test's private temp dir, so they run as whoever runs the test.
         user = "user root;" if os.geteuid() == 0 else ""
-        tls = ""
-        if self._tls:
-            tls = TLS.format(port=self.tls_port, cert=self._tls[0], key=self._tls[1])
-        config.write_text(
-            CONFIG.format(user=user, root=self.root, port=self.port, files=self.files, tls=tls)
-        )
+        server = self._server
+        if server is None:
+            server = f"root {self.files};"
+            if self._tls:
+                tls = TLS.format(port=self.tls_port, cert=self._tls[0], key=self._tls[1])
+                server = f"{tls}\n{server}"
+        config.write_text(CONFIG.format(user=user, root=self.root, port=self.port, server=server))
         self.proc = subprocess.Popen([NGINX, "-c", str(config), "-p", str(self.root)])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

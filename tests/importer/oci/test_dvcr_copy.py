@@ -8,17 +8,13 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from nginxproc import Nginx
 from registryproc import Registry
-from serverproc import free_port
 
 from importer.errors import InvalidImage, SourceUnreachable
 from importer.oci.image import LAYER_TYPE, Descriptor, config_blob, image_labels
@@ -208,71 +204,32 @@ async def test_registry_open_disk_is_exact(registry: Registry) -> None:
         await store.close()
 
 
-PROXY_CONFIG = """\
-{user}
-daemon off;
-worker_processes 1;
-pid {root}/nginx.pid;
-error_log {root}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/body;
-    proxy_temp_path {root}/proxy;
-    fastcgi_temp_path {root}/fastcgi;
-    uwsgi_temp_path {root}/uwsgi;
-    scgi_temp_path {root}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
+# The server block of an nginx in front of the registry.
+NO_MOUNT_PROXY = """\
         client_max_body_size 0;
         proxy_request_buffering off;
         proxy_buffering off;
-        location /v2/ {{
+        location /v2/ {
             # A registry that does not mount: the query is dropped, a plain upload opens.
-            if ($arg_mount) {{
+            if ($arg_mount) {
                 rewrite ^(.*)$ $1? break;
-            }}
+            }
             proxy_pass http://{upstream};
             proxy_http_version 1.1;
             proxy_set_header Host $http_host;
-        }}
-    }}
-}}
+        }
 """
 
 
 @pytest.fixture
 def no_mount_proxy(tmp_path: Path, registry: Registry) -> Iterator[str]:
     """nginx in front of the registry, refusing cross-repository mounts; its host:port."""
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    if not Path(nginx).exists():
-        pytest.fail("nginx is missing: apt-get install -y nginx")
-    root = tmp_path / "proxy"
-    root.mkdir()
-    port = free_port()
-    user = "user root;" if os.geteuid() == 0 else ""
-    config = root / "nginx.conf"
-    config.write_text(PROXY_CONFIG.format(user=user, root=root, port=port, upstream=registry.host))
-    proc = subprocess.Popen([nginx, "-c", str(config), "-p", str(root)])
+    server = NO_MOUNT_PROXY.replace("{upstream}", registry.host)
+    proxy = Nginx(tmp_path / "proxy", server=server).start()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
-                break
-            except urllib.error.HTTPError:
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError((root / "error.log").read_text()) from None
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{proxy.port}"
     finally:
-        proc.send_signal(signal.SIGQUIT)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        proxy.stop()
 
 
 async def test_registry_copy_streams_when_a_mount_is_refused(
