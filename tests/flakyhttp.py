@@ -24,6 +24,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Self
 
 FILE_PATH = "/file"
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -229,7 +230,33 @@ class FlakyServer:
         return True
 
 
-class CuttingProxy:
+class _LoopbackProxy:
+    """A TCP server on a loopback port while the `async with` lasts; `_serve` handles each
+    connection, and the tasks it leaves in `_tasks` are cancelled at the end."""
+
+    port = 0
+    _server: asyncio.Server | None = None
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await self._server.wait_closed()
+
+
+class CuttingProxy(_LoopbackProxy):
     """Forwards connections to `upstream_port`; the first `cuts` connections are closed
     after `cut_after` bytes of the upstream's answer. `on_cut` runs after each cut."""
 
@@ -244,26 +271,12 @@ class CuttingProxy:
         self.cut_after = cut_after
         self.cuts = cuts
         self.on_cut = on_cut
+        super().__init__()
         self.connections = 0
         self.cut = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
-
-    async def __aenter__(self) -> CuttingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -301,7 +314,7 @@ class CuttingProxy:
         return False
 
 
-class RequestCuttingProxy:
+class RequestCuttingProxy(_LoopbackProxy):
     """A deliberately faulty proxy, for tests only: forwards TCP connections to a server
     on `upstream_port` and drops the connection (both sides) in the middle of a request
     body: the n-th request that has a body is cut after `cuts[n]` bytes of it, until the
@@ -313,9 +326,7 @@ class RequestCuttingProxy:
         self.cuts = list(cuts)
         self.requests: list[tuple[str, str | None]] = []  # method, Content-Range
         self.cut = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        super().__init__()
 
     def url(self, upload_url: str) -> str:
         """The same upload URL, through the proxy."""
@@ -324,18 +335,6 @@ class RequestCuttingProxy:
 
     def puts(self) -> list[str | None]:
         return [content_range for method, content_range in self.requests if method == "PUT"]
-
-    async def __aenter__(self) -> RequestCuttingProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await self._server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
