@@ -1,6 +1,7 @@
 """One pass from a source of bytes to a sink: count, checksum, decode, store.
 
-The received stream is cut into large blocks from a small pool of reused buffers. Every
+The source fills large blocks from a small pool of reused buffers (a socket's bytes go
+straight into them, see importer.sources.transportbody). Every
 block goes to each *lane* (a consumer with a thread of its own: one per hash, one for the
 sink's decoding and writing), in order. Lanes run in parallel with each other and with the
 receiving; the hashes (libcrypto through ctypes), zlib and os.pwrite release the GIL on
@@ -15,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import mmap
-from collections.abc import AsyncIterable, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from importer.checksums import ChecksumLane, verify_checksums
 from importer.directio import aligned_buffer
 from importer.errors import ImageTooLarge, Suspended, TransferError
-from importer.formats.base import Buffer, ImageInfo
+from importer.formats.base import ImageInfo
+from importer.lanethreads import Batch, LaneThreads
 from importer.progress import Progress
+from importer.sources.reader import ByteStream, Reader, as_reader
 
 # 1 MiB blocks stay in the CPU caches between the lanes that read them; with 4 MiB blocks
 # the kernel's copy into the page cache cost several times more CPU (measured in bench/).
@@ -89,30 +91,6 @@ class PipelineOptions:
     resume_from: Checkpoint | None = None  # continue a transfer at its checkpoint
 
 
-class _LaneRunner:
-    def __init__(self, lane: Lane) -> None:
-        self.lane = lane
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"lane-{lane.name}")
-        self.failed = False
-        self.stopped = False
-
-    def _call(self, fn: Callable[..., None], *args: object) -> None:
-        if self.failed or self.stopped:
-            return
-        try:
-            fn(*args)
-        except BaseException:
-            self.failed = True
-            raise
-
-    def submit(self, fn: Callable[..., None], *args: object) -> asyncio.Future[None]:
-        loop = asyncio.get_running_loop()
-        return loop.run_in_executor(self.executor, self._call, fn, *args)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=False)
-
-
 class Pipeline:
     def __init__(
         self,
@@ -131,21 +109,19 @@ class Pipeline:
         ]
         self._dispatched = self.start
         self._next_checkpoint = self._checkpoint_after(self.start)
-        self._runners = [_LaneRunner(lane) for lane in (*self.checksums, *sink.lanes())]
+        self._lanes = LaneThreads([*self.checksums, *sink.lanes()])
         # Page-aligned, so the sink may write them with O_DIRECT (see importer.directio).
         self._free: list[mmap.mmap] = [
             aligned_buffer(options.block_size) for _ in range(options.depth)
         ]
-        self._in_flight: collections.deque[tuple[asyncio.Future[list[None]], mmap.mmap]] = (
-            collections.deque()
-        )
+        self._in_flight: collections.deque[tuple[Batch, mmap.mmap]] = collections.deque()
 
-    async def run(self, source: AsyncIterable[Buffer]) -> TransferResult:
+    async def run(self, source: ByteStream) -> TransferResult:
         """Stream the source through every lane into the sink; returns once committed."""
         try:
-            received = await self._pump(source)
+            received = await self._pump(as_reader(source))
             await self._drain()
-            await asyncio.gather(*(r.submit(r.lane.finish) for r in self._runners))
+            await self._lanes.finish().wait()
             checksums = {lane.algorithm: lane.hexdigest() for lane in self.checksums}
             verify_checksums(checksums, self.options.expected_checksums)
             result = TransferResult(received, checksums, self.sink.image_info())
@@ -156,8 +132,7 @@ class Pipeline:
             await self.sink.abort()
             raise
         finally:
-            for runner in self._runners:
-                runner.close()
+            self._lanes.end()
             # The buffers go now, even if an exception's traceback keeps this object alive.
             self._free.clear()
             self._in_flight.clear()
@@ -179,13 +154,25 @@ class Pipeline:
         await self.options.on_checkpoint(Checkpoint(self._dispatched, hashes, sink_state))
         self._next_checkpoint = self._checkpoint_after(self._dispatched)
 
-    async def _pump(self, source: AsyncIterable[Buffer]) -> int:
+    async def _pump(self, source: Reader) -> int:
+        """Has the source fill one block after another, dispatching each full one."""
+        limit = self.options.max_received_bytes
         block = await self._take_buffer()
         filled = 0
         received = self.start
         try:
-            async for chunk in source:
-                block, filled, received = await self._take_in(chunk, block, filled, received)
+            while n := await source.readinto(memoryview(block)[filled:]):
+                received += n
+                if limit is not None and received > limit:
+                    raise ImageTooLarge(f"the upload is larger than the limit of {limit} bytes")
+                self.progress.add(n)
+                filled += n
+                if filled == len(block):
+                    self._dispatch(block, filled)
+                    if self._next_checkpoint and self._dispatched >= self._next_checkpoint:
+                        await self._checkpoint()
+                    block = await self._take_buffer()
+                    filled = 0
         except Suspended:
             if filled:
                 self._dispatch(block, filled)
@@ -198,61 +185,27 @@ class Pipeline:
             self._free.append(block)
         return received
 
-    async def _take_in(
-        self, chunk: Buffer, block: mmap.mmap, filled: int, received: int
-    ) -> tuple[mmap.mmap, int, int]:
-        """Copies one received piece into blocks, dispatching each full one."""
-        limit = self.options.max_received_bytes
-        view = memoryview(chunk).cast("B")
-        received += len(view)
-        if limit is not None and received > limit:
-            raise ImageTooLarge(f"the upload is larger than the limit of {limit} bytes")
-        self.progress.add(len(view))
-        while len(view):
-            n = min(len(view), len(block) - filled)
-            block[filled : filled + n] = view[:n]
-            filled += n
-            view = view[n:]
-            if filled == len(block):
-                self._dispatch(block, filled)
-                if self._next_checkpoint and self._dispatched >= self._next_checkpoint:
-                    await self._checkpoint()
-                block = await self._take_buffer()
-                filled = 0
-        return block, filled, received
-
     def _dispatch(self, block: mmap.mmap, length: int) -> None:
         self._dispatched += length
         view = memoryview(block)[:length]
-        futures = [runner.submit(runner.lane.update, view) for runner in self._runners]
-        self._in_flight.append((asyncio.gather(*futures), block))
+        self._in_flight.append((self._lanes.update(view), block))
 
     async def _take_buffer(self) -> mmap.mmap:
         while not self._free:
-            done, block = self._in_flight.popleft()
-            await done
+            batch, block = self._in_flight.popleft()
+            await batch.wait()
             self._free.append(block)
         return self._free.pop()
 
     async def _drain(self) -> None:
         while self._in_flight:
-            done, block = self._in_flight.popleft()
-            await done
+            batch, block = self._in_flight.popleft()
+            await batch.wait()
             self._free.append(block)
 
     async def _stop_lanes(self) -> None:
         """Skip the blocks still queued and wait until no lane thread touches the sink."""
-        for runner in self._runners:
-            runner.stopped = True
-
-        def wait_idle() -> None:
-            for runner in self._runners:
-                runner.executor.shutdown(wait=True)
-
-        await asyncio.shield(asyncio.get_running_loop().run_in_executor(None, wait_idle))
-        for done, _ in self._in_flight:
-            if done.done() and not done.cancelled():
-                done.exception()  # retrieved: the error that matters is already raised
+        await asyncio.shield(asyncio.to_thread(self._lanes.stop))
         self._in_flight.clear()
 
 

@@ -8,14 +8,14 @@ and the source is opened again, a bounded number of times.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
 from importer.errors import StartOver
-from importer.formats.base import Buffer
 from importer.pipeline import Pipeline, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress
+from importer.sources.reader import ByteStream
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,10 @@ MAX_START_OVERS = 3
 class OpenedSource:
     """A source, ready to stream: its bytes, their length when known, a file name if any."""
 
-    chunks: AsyncIterable[Buffer]
+    stream: ByteStream
     length: int | None
     filename: str | None = None
-    offset: int = 0  # where `chunks` starts in the image (a transfer that resumes)
+    offset: int = 0  # where `stream` starts in the image (a transfer that resumes)
 
 
 SourceOpener = Callable[[], AbstractAsyncContextManager[OpenedSource]]
@@ -50,7 +50,7 @@ async def run_transfer(
             async with open_source() as source:
                 progress.restart(source.length, source.offset)
                 sink = await open_sink(source)
-                return await Pipeline(sink, options_for(source), progress).run(source.chunks)
+                return await Pipeline(sink, options_for(source), progress).run(source.stream)
         except StartOver as exc:
             attempt += 1
             if attempt > start_overs:

@@ -19,11 +19,11 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from importer.errors import ImageTooLarge, Suspended, TransferInterrupted
-from importer.formats.base import Buffer
+from importer.sources.reader import Reader
 
 # A body that has delivered nothing for this long may be cut by a request that continues.
 TAKEOVER_AFTER = 2.0
@@ -42,14 +42,20 @@ class BodyEnd(enum.Enum):
 class Body:
     """One request's part of the upload."""
 
-    chunks: AsyncIterator[Buffer]
+    reader: Reader
     start: int
     open_ended: bool  # when the image's length is unknown, this body's end is the image's
     end: asyncio.Future[BodyEnd] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     waiting_since: float | None = None  # when the transfer began waiting for its next piece
-    _cut: asyncio.Event = field(default_factory=asyncio.Event)
+    cut_off: bool = False  # a newer request continues the upload, or the server stops
+    _read: asyncio.Future[int] | None = None
+
+    def cut(self) -> None:
+        self.cut_off = True
+        if self._read is not None:
+            self._read.cancel()
 
     def finish(self, how: BodyEnd) -> None:
         if not self.end.done():
@@ -76,7 +82,8 @@ class _Cut(Exception):
 
 
 class UploadFeed:
-    """`chunks()` for the transfer; `attach()` for each request."""
+    """`readinto()` for the transfer (and `close()` after it); `attach()` for each
+    request."""
 
     def __init__(
         self,
@@ -95,7 +102,8 @@ class UploadFeed:
         self.on_park = on_park
         self._parked = False
         self._suspended = False
-        self._body: Body | None = None
+        self._body: Body | None = None  # the request attached
+        self._reading: Body | None = None  # the body being read (until its end is seen)
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -104,7 +112,7 @@ class UploadFeed:
         cut, and the transfer hears `Suspended` (it then saves a checkpoint)."""
         self._suspended = True
         if self._body is not None:
-            self._body._cut.set()
+            self._body.cut()
         self._changed.set()
 
     @property
@@ -117,7 +125,7 @@ class UploadFeed:
 
     async def attach(
         self,
-        chunks: AsyncIterator[Buffer],
+        reader: Reader,
         start: int,
         total: int | None,
         open_ended: bool = False,
@@ -127,7 +135,7 @@ class UploadFeed:
         if current is not None:
             if not current.stalled:
                 raise Busy()
-            current._cut.set()
+            current.cut()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(current.end), TAKEOVER_AFTER)
             if self._body is not None:
@@ -140,7 +148,7 @@ class UploadFeed:
                     f"this upload is {self.total} bytes long; a request says {total}"
                 )
             self.total = total
-        body = Body(chunks, start, open_ended)
+        body = Body(reader, start, open_ended)
         self._body = body
         self._changed.set()
         if self._parked:
@@ -148,36 +156,38 @@ class UploadFeed:
             self.on_park(None)
         return body
 
-    async def chunks(self) -> AsyncIterator[Buffer]:
-        """The image's bytes in order, from whichever requests carry them."""
-        try:
-            while not self.complete:
-                body = await self._next_body()
-                async for chunk in self._take(body):
-                    yield chunk
-                if body.end.result() is BodyEnd.COMPLETE:
-                    return
-        finally:
-            self._closed = True
-            if self._body is not None:
-                self._body.finish(BodyEnd.STOPPED)
-                self._body = None
+    async def readinto(self, view: memoryview) -> int:
+        """Puts the image's next bytes at the front of `view`, from whichever request
+        carries them; 0 once the image is complete (a Reader for the transfer)."""
+        while not self.complete:
+            if self._reading is None:
+                self._reading = await self._next_body()
+            n = await self._take(self._reading, view)
+            if n:
+                return n
+            body, self._reading = self._reading, None
+            if body.end.result() is BodyEnd.COMPLETE:
+                break
+        return 0
 
-    async def _take(self, body: Body) -> AsyncIterator[Buffer]:
-        """The pieces of one body; records how the body ended."""
-        how = BodyEnd.STOPPED
+    def close(self) -> None:
+        """The transfer is over: the request still attached, if any, is let go."""
+        self._closed = True
+        if self._body is not None:
+            self._body.finish(BodyEnd.STOPPED)
+            self._body = None
+
+    async def _take(self, body: Body, view: memoryview) -> int:
+        """The body's next bytes; 0 once the body ended (how is recorded)."""
         try:
-            while True:
-                try:
-                    chunk = await self._read(body)
-                except StopAsyncIteration:
-                    break
-                if self.total is not None and self.offset + len(chunk) > self.total:
+            n = await self._read(body, view)
+            if n:
+                if self.total is not None and self.offset + n > self.total:
                     raise ImageTooLarge(
                         f"the upload sends more than the {self.total} bytes it announced"
                     )
-                self.offset += len(chunk)
-                yield chunk
+                self.offset += n
+                return n
             if self.total is None and body.open_ended:
                 self.total = self.offset
             how = BodyEnd.COMPLETE if self.complete else BodyEnd.PARTIAL
@@ -187,33 +197,38 @@ class UploadFeed:
             how = BodyEnd.STOPPED if self._suspended else BodyEnd.TAKEN_OVER
         except TimeoutError:
             how = BodyEnd.IDLE
-        finally:
-            self._body = None
-            body.finish(how)
-            # A part that simply ended (tus sends the image in parts) is no interruption.
-            if how in (BodyEnd.BROKEN, BodyEnd.IDLE, BodyEnd.TAKEN_OVER):
-                self._parked = True
-                self.on_park(how)
+        except BaseException:
+            self._end(body, BodyEnd.STOPPED)
+            raise
+        self._end(body, how)
+        return 0
 
-    async def _read(self, body: Body) -> Buffer:
-        """The body's next piece, unless it stays idle or a newer request cuts it."""
+    def _end(self, body: Body, how: BodyEnd) -> None:
+        self._body = None
+        body.finish(how)
+        # A part that simply ended (tus sends the image in parts) is no interruption.
+        if how in (BodyEnd.BROKEN, BodyEnd.IDLE, BodyEnd.TAKEN_OVER):
+            self._parked = True
+            self.on_park(how)
+
+    async def _read(self, body: Body, view: memoryview) -> int:
+        """The body's next bytes, unless it stays idle or a newer request cuts it."""
+        if body.cut_off:
+            raise _Cut()
         body.waiting_since = time.monotonic()
-        read = asyncio.ensure_future(anext(body.chunks))
-        cut = asyncio.ensure_future(body._cut.wait())
+        read = body._read = asyncio.ensure_future(body.reader.readinto(view))
         try:
-            done, _ = await asyncio.wait(
-                {read, cut}, timeout=self.idle_timeout, return_when=asyncio.FIRST_COMPLETED
-            )
+            await asyncio.wait({read}, timeout=self.idle_timeout)
         finally:
             body.waiting_since = None
-            cut.cancel()
+            body._read = None
             if not read.done():
                 read.cancel()
                 with contextlib.suppress(BaseException):
                     await read
-        if read in done:
+        if not read.cancelled():
             return read.result()
-        if cut in done:
+        if body.cut_off:
             raise _Cut()
         raise TimeoutError()
 

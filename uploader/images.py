@@ -19,10 +19,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from importer.errors import Suspended, TransferError, TransferInterrupted
-from importer.formats.base import Buffer
 from importer.metrics import Metrics
 from importer.pipeline import Checkpoint, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress, format_quantity
+from importer.sources.reader import Reader
 from importer.transfer import OpenedSource, SourceOpener, run_transfer
 from uploader.config import ServerConfig
 from uploader.errors import (
@@ -107,7 +107,7 @@ class SavedUpload:
 class UploadPart:
     """One request's part of an upload."""
 
-    chunks: AsyncIterator[Buffer]
+    body: Reader
     start: int  # the offset of its first byte
     total: int | None  # the image's length, when the request says it
     whole: bool  # the whole image from byte 0 (no Content-Range, no Upload-Offset)
@@ -495,7 +495,7 @@ class ImageController:
             transfer = self._start_upload(obj, part, saved)
         assert transfer.feed is not None and transfer.task is not None
         try:
-            body = await transfer.feed.attach(part.chunks, part.start, part.total, part.whole)
+            body = await transfer.feed.attach(part.body, part.start, part.total, part.whole)
         except Busy:
             raise Conflict(
                 "another upload to this image is in progress",
@@ -528,7 +528,10 @@ class ImageController:
 
         @contextlib.asynccontextmanager
         async def body() -> AsyncIterator[OpenedSource]:
-            yield OpenedSource(feed.chunks(), feed.total, filename, offset=start)
+            try:
+                yield OpenedSource(feed, feed.total, filename, offset=start)
+            finally:
+                feed.close()
 
         task = asyncio.create_task(self._run_transfer(transfer, obj, body, saved))
         task.add_done_callback(_retrieve)  # the outcome is in the status, if nobody asks

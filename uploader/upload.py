@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import cast
 
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from importer.errors import ImageTooLarge, TransferError, TransferInterrupted
+from importer.sources.reader import EMPTY, ChunkReader, Reader
+from importer.sources.transportbody import TransportBody
 from uploader.api import CONTROLLER
 from uploader.errors import (
     ApiError,
@@ -33,6 +36,8 @@ from uploader.store import Object, key_of
 
 TUS_VERSION = "1.0.0"
 READ_CHUNK = 1 << 20
+TAKEOVER_MIN = 1 << 20
+_CLOSE_AFTER_ANSWER = "upload.close_after_answer"
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _PAYLOAD_ERRORS = (
     ConnectionError,
@@ -46,21 +51,71 @@ def _controller(request: web.Request) -> ImageController:
     return request.app[CONTROLLER]
 
 
-async def _chunks(
-    stream: AsyncIterator[bytes], expected_length: int | None
-) -> AsyncIterator[bytes]:
-    """The body as it arrives; a sender that goes away early is a TransferInterrupted."""
-    received = 0
-    try:
-        async for chunk in stream:
-            received += len(chunk)
-            yield chunk
-    except _PAYLOAD_ERRORS as exc:
-        raise TransferInterrupted(
-            f"the upload was interrupted after {received} bytes: {exc or type(exc).__name__}"
-        ) from None
-    if expected_length is not None and received != expected_length:
-        raise TransferInterrupted(f"the upload ended after {received} of {expected_length} bytes")
+class _RequestBody:
+    """A request's body as the upload's feed reads it; a sender that goes away early is a
+    TransferInterrupted.
+
+    A body of known length from TAKEOVER_MIN up is received straight into the pipeline's
+    blocks (`TransportBody`); its connection then closes after the answer, since aiohttp
+    cannot parse another request on it. Smaller bodies (tus clients send many) keep their
+    connection alive; they, chunked bodies and multipart forms are read through aiohttp.
+    """
+
+    def __init__(self, request: web.Request, pieces: AsyncIterable[bytes] | None = None) -> None:
+        self._request = request
+        self._pieces = pieces
+        self.length = None if pieces is not None else request.content_length
+        self.received = 0
+        self._reader: Reader | None = None
+        self._taken: TransportBody | None = None
+
+    def _open(self) -> Reader:
+        request = self._request
+        content = request.content
+        transport = request.transport
+        if (
+            self._pieces is None
+            and self.length is not None
+            and self.length >= TAKEOVER_MIN
+            and transport is not None
+            and not content.is_eof()
+        ):
+            request[_CLOSE_AFTER_ANSWER] = True
+            self._taken = TransportBody(
+                cast(asyncio.Transport, transport), content.read_nowait(-1), self.length
+            )
+            return self._taken
+        return ChunkReader(self._pieces if self._pieces is not None else content.iter_any())
+
+    async def readinto(self, view: memoryview) -> int:
+        if self._reader is None:
+            self._reader = self._open()
+        try:
+            n = await self._reader.readinto(view)
+        except _PAYLOAD_ERRORS as exc:
+            raise TransferInterrupted(
+                f"the upload was interrupted after {self.received} bytes: "
+                f"{exc or type(exc).__name__}"
+            ) from None
+        self.received += n
+        if n == 0 and self.length is not None and self.received != self.length:
+            raise TransferInterrupted(
+                f"the upload ended after {self.received} of {self.length} bytes"
+            )
+        return n
+
+    def release(self) -> None:
+        """Once the feed is done with the body: the transport goes back to aiohttp, for
+        the answer and the close."""
+        if self._taken is not None:
+            self._taken.release()
+            self._request.content.feed_eof()  # nothing left for aiohttp to read or linger on
+
+
+async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
+    if request.get(_CLOSE_AFTER_ANSWER):
+        response.force_close()
+        response.headers["Connection"] = "close"  # the headers are made before this hook
 
 
 async def _multipart_file(request: web.Request) -> AsyncIterator[bytes]:
@@ -100,14 +155,8 @@ def _header_number(request: web.Request, name: str) -> int | None:
     return int(value)
 
 
-async def _nothing() -> AsyncIterator[bytes]:
-    return
-    yield b""
-
-
-def _part(request: web.Request, chunks: AsyncIterator[bytes] | None = None) -> UploadPart:
+def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
     """What a request carries: where its bytes go, and the image's length when it says."""
-    chunks = chunks or _nothing()
     if request.method == "PATCH":
         if request.content_type != "application/offset+octet-stream":
             raise UnsupportedMediaType(
@@ -117,17 +166,17 @@ def _part(request: web.Request, chunks: AsyncIterator[bytes] | None = None) -> U
         if start is None:
             raise BadRequest("a tus PATCH needs Upload-Offset")
         total = _header_number(request, "Upload-Length")
-        return UploadPart(chunks, start, total, False, _wrong_tus_offset)
+        return UploadPart(body, start, total, False, _wrong_tus_offset)
     content_range = request.headers.get("Content-Range")
     if content_range is None:
-        return UploadPart(chunks, 0, request.content_length, True, _wrong_range)
+        return UploadPart(body, 0, request.content_length, True, _wrong_range)
     match = _CONTENT_RANGE.match(content_range.strip())
     if match is None:
         raise BadRequest(f'Content-Range "{content_range}" is not "bytes FIRST-LAST/TOTAL"')
     first, last, total = (int(g) for g in match.groups())
     if first > last or last >= total or request.content_length not in (None, last - first + 1):
         raise BadRequest(f'Content-Range "{content_range}" does not match the body')
-    return UploadPart(chunks, first, total, False, _wrong_range)
+    return UploadPart(body, first, total, False, _wrong_range)
 
 
 def _check_size(request: web.Request, controller: ImageController) -> None:
@@ -200,13 +249,16 @@ async def put(request: web.Request) -> web.StreamResponse:
     if request.content_type == "multipart/form-data":
         if request.method != "POST":
             raise BadRequest("multipart/form-data uploads use POST")
-        chunks = _chunks(_multipart_file(request), None)
-        part = UploadPart(chunks, 0, None, True, _wrong_range)
+        body = _RequestBody(request, _multipart_file(request))
+        part = UploadPart(body, 0, None, True, _wrong_range)
     else:
-        # Pieces as they arrived: no joining into new buffers, the pipeline copies once.
-        part = _part(request, _chunks(request.content.iter_any(), request.content_length))
+        body = _RequestBody(request)
+        part = _part(request, body)
     obj = _admit(request, controller, part)
-    how, obj_after = await controller.receive(token, part)
+    try:
+        how, obj_after = await controller.receive(token, part)
+    finally:
+        body.release()
     offset = controller.upload_offset(key_of(obj))
     if how is BodyEnd.PARTIAL:
         return web.Response(status=204, headers=offset_headers(offset))
@@ -283,6 +335,7 @@ async def options(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    app.on_response_prepare.append(_close_after_answer)
     path = "/upload/{token}"
     app.router.add_route("PUT", path, put, expect_handler=check_before_body)
     app.router.add_route("POST", path, put, expect_handler=check_before_body)

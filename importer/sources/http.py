@@ -2,9 +2,9 @@
 connection.
 
 `async with HttpSource(url) as source:` then `source.length` (from Content-Length, None
-when the server does not say) and `async for chunk in source.chunks()`.
+when the server does not say) and `source.readinto(view)` until it returns 0.
 
-What the consumer of `chunks()` sees is one stream, exactly the bytes an uninterrupted
+What the reader sees is one stream, exactly the bytes an uninterrupted
 download gives, whatever happens on the way:
 
 - A failure to connect (refused, reset, timed out) and a 502, 503 or 504 answer are tried
@@ -37,18 +37,21 @@ import asyncio
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import cast
 
 import aiohttp
 
 from importer.errors import SourceUnreachable, StartOver
+from importer.sources.reader import ChunkReader, Reader
+from importer.sources.transportbody import TransportBody
 
 log = logging.getLogger(__name__)
 
 # aiohttp's read buffer per connection: the body is handed on in the pieces received, at
 # most about this size each.
 READ_BUFSIZE = 1 << 20
+TAKEOVER_MIN = 1 << 20
 RETRY_STATUSES = frozenset({502, 503, 504})
 MAX_BACKOFF = 8.0
 
@@ -91,7 +94,7 @@ def ssl_context(ca_bundle: bytes | None, insecure: bool = False) -> ssl.SSLConte
 
 
 class HttpSource:
-    """`async with HttpSource(url) as source:` then `source.length` and `source.chunks()`.
+    """`async with HttpSource(url) as source:` then `source.length` and `source.readinto()`.
 
     `retries`: how many failed attempts in a row (connecting, 502/503/504, a dropped
     body) are tried again; `backoff`: the first wait in seconds, doubled each time up to
@@ -118,14 +121,17 @@ class HttpSource:
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
         self._session: aiohttp.ClientSession | None = None
+        self._read_timeout = read_timeout
         self._response: aiohttp.ClientResponse | None = None
+        self._body: Reader | None = None  # the current response's body
+        self._progressed = False  # bytes came since the current response was opened
         self.length: int | None = None
         self.resumes = 0  # continuations with a Range request that were taken
         self.etag: str | None = None  # the first answer's, when strong
         self._first_etag: str | None = None  # the first answer's, weak or strong
         self.last_modified: str | None = None
         self._accepts_ranges = False
-        self._received = 0  # bytes handed out by chunks()
+        self._received = 0  # bytes handed out by readinto()
         self._end = 0  # where the body of the current response ends, when known
         self._failures = 0  # failed attempts in a row
 
@@ -141,7 +147,7 @@ class HttpSource:
         except BaseException:
             await self._close()
             raise
-        self._response = response
+        self._take(response)
         self.length = response.content_length
         self._end = self.length or 0
         headers = response.headers
@@ -162,49 +168,62 @@ class HttpSource:
         await self._close()
 
     async def _close(self) -> None:
-        if self._response is not None:
-            self._response.close()
-            self._response = None
+        self._close_response()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        assert self._response is not None, "use `async with HttpSource(...)` first"
+    async def readinto(self, view: memoryview) -> int:
+        """The download's next bytes into the front of `view`; 0 at its end (a Reader)."""
+        assert self._body is not None, "use `async with HttpSource(...)` first"
         while True:
-            response = self._response
-            assert response is not None
-            progressed = ended = False
-            while True:
-                try:
-                    chunk = await response.content.readany()
-                except _TRANSIENT as exc:
-                    cause = f"the connection broke off: {_describe(exc)}"
-                    break
-                if not chunk:  # the end of this response's body
-                    ended = True
-                    cause = f"the body ended after {self._received} of {self.length} bytes"
-                    break
-                self._received += len(chunk)
-                progressed = True
-                yield chunk
+            ended = False
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    n = await self._body.readinto(view)
+            except _TRANSIENT as exc:
+                cause = f"the connection broke off: {_describe(exc)}"
+            else:
+                if n:
+                    self._received += n
+                    self._progressed = True
+                    return n
+                ended = True
+                cause = f"the body ended after {self._received} of {self.length} bytes"
             if self.length is None and ended:
-                return  # no length to check against: the end of the body is the end
+                return 0  # no length to check against: the end of the body is the end
             if self._received == self.length:
-                return  # every byte is in (perhaps the end of the message was lost)
+                return 0  # every byte is in (perhaps the end of the message was lost)
             if self.length is not None and self._received > self.length:
                 raise SourceUnreachable(
                     f"{self.url} sent more than the {self.length} bytes it announced"
                 )
-            response.close()
+            await self._continue(cause)
+
+    async def _continue(self, cause: str) -> None:
+        """After the body broke off: the rest with a Range request, or SourceChanged."""
+        self._close_response()
+        if self._progressed:
+            self._failures = 0
+        short_range = self._progressed and self._received == self._end
+        self._check_resumable(cause)
+        if not short_range:  # a 206 that sent less than asked goes on at once
+            await self._wait_before_retry(cause, self._received)
+        self._take(await self._open(self._received))
+
+    def _take(self, response: aiohttp.ClientResponse) -> None:
+        """Reads `response`'s body from now on."""
+        self._response = response
+        self._progressed = False
+        self._body = _body_of(response)
+
+    def _close_response(self) -> None:
+        if isinstance(self._body, TransportBody):
+            self._body.release()
+        self._body = None
+        if self._response is not None:
+            self._response.close()  # closed, not put back: its body may not be read to the end
             self._response = None
-            if progressed:
-                self._failures = 0
-            short_range = progressed and self._received == self._end
-            self._check_resumable(cause)
-            if not short_range:  # a 206 that sent less than asked goes on at once
-                await self._wait_before_retry(cause, self._received)
-            self._response = await self._open(self._received)
 
     def _check_resumable(self, cause: str) -> None:
         why = None
@@ -323,6 +342,25 @@ class HttpSource:
         if size is not None and size != last + 1 - first:
             raise changed(f"Content-Length {size} does not match Content-Range {content_range!r}")
         self._end = last + 1
+
+
+def _body_of(response: aiohttp.ClientResponse) -> Reader:
+    """A body of known length from TAKEOVER_MIN up is received straight into the reader's
+    buffers (the connection is closed afterwards, not reused)."""
+    length = response.content_length
+    connection = response.connection
+    transport = connection.transport if connection is not None else None
+    if (
+        length is not None
+        and length >= TAKEOVER_MIN
+        and transport is not None
+        and "Transfer-Encoding" not in response.headers
+        and not response.content.is_eof()
+    ):
+        return TransportBody(
+            cast(asyncio.Transport, transport), response.content.read_nowait(-1), length
+        )
+    return ChunkReader(response.content.iter_any())
 
 
 def _describe(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ def http_source(url: str, ca_bundle: bytes | None = None, insecure: bool = False
     @contextlib.asynccontextmanager
     async def opened() -> AsyncIterator[OpenedSource]:
         async with HttpSource(url, ca_bundle, insecure=insecure) as http:
-            yield OpenedSource(http.chunks(), http.length, urlparse(url).path)
+            yield OpenedSource(http, http.length, urlparse(url).path)
 
     return opened
 

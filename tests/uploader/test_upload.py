@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from diskimages import MiB, sha256_file, write_disk_image
@@ -245,6 +247,44 @@ def test_an_interrupted_upload_continues_where_it_stopped(server: Server, tmp_pa
     assert code == 200, body
     assert body["checksum"]["sha256"] == sha256_file(image)
     assert sha256_file(server.claim_dir("cut") / "disk.img") == sha256_file(image)
+
+
+def test_small_parts_keep_the_connection_and_a_large_body_closes_it(server: Server) -> None:
+    """Bodies from 1 MiB up are received straight into the pipeline, past aiohttp's
+    parser, so their connection closes after the answer (and says so); smaller parts, as
+    tus clients send them, keep theirs."""
+    data = os.urandom(4 * MiB)
+    server.create(manifest("parts"))
+    url = urlsplit(server.upload_url("parts"))
+    connection = http.client.HTTPConnection(url.hostname or "", url.port)
+
+    def patch(offset: int, end: int) -> http.client.HTTPResponse:
+        headers = {
+            "Tus-Resumable": "1.0.0",
+            "Content-Type": "application/offset+octet-stream",
+            "Upload-Offset": str(offset),
+            "Upload-Length": str(len(data)),
+        }
+        connection.request("PATCH", url.path, body=data[offset:end], headers=headers)
+        return connection.getresponse()
+
+    sockets = set()
+    for offset in range(0, MiB, 256 << 10):
+        response = patch(offset, offset + (256 << 10))
+        response.read()
+        assert response.status == 204
+        assert response.getheader("Connection") != "close"
+        sockets.add(connection.sock)
+    assert len(sockets) == 1  # one connection for all four
+
+    response = patch(MiB, len(data))
+    answer = json.loads(response.read())
+    assert response.status == 200, answer
+    assert response.getheader("Connection") == "close"
+    assert answer["phase"] == "Ready"
+    assert answer["checksum"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert sha256_file(server.claim_dir("parts") / "disk.img") == hashlib.sha256(data).hexdigest()
+    connection.close()
 
 
 def test_a_range_at_the_wrong_offset_is_416_with_the_offset(server: Server, tmp_path: Path) -> None:
