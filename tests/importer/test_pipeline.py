@@ -159,7 +159,10 @@ async def test_checkpoints_carry_the_hashes_to_a_new_pipeline() -> None:
         seen.append(checkpoint)
 
     options = PipelineOptions(
-        algorithms=("sha256", "md5"), checkpoint_every=3 << 20, on_checkpoint=record
+        algorithms=("sha256", "md5"),
+        block_size=1 << 20,  # checkpoints fall on block boundaries
+        checkpoint_every=3 << 20,
+        on_checkpoint=record,
     )
     whole = await Pipeline(MemorySink(), options).run(chunks(data, 700_000))
     assert [c.offset for c in seen] == [3 << 20, 6 << 20, 9 << 20]
