@@ -81,9 +81,13 @@ class _Retry(Exception):
 
 
 def ssl_context(ca_bundle: bytes | None, insecure: bool = False) -> ssl.SSLContext | bool:
-    """The default trust store, plus the PEM bundle when given; `False` skips verification."""
+    """The default trust store, plus the PEM bundle when given; `False` skips verification.
+    Without a bundle: `True`, aiohttp's own default context, made once per process (loading
+    the system's CA store takes tens of milliseconds of the event loop's time)."""
     if insecure:
         return False
+    if not ca_bundle:
+        return True
     context = ssl.create_default_context()
     if ca_bundle:
         try:
