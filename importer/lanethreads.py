@@ -42,6 +42,10 @@ class Batch:
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
                 self._loop.call_soon_threadsafe(_settle, waiter)
 
+    @property
+    def done(self) -> bool:
+        return self._pending == 0
+
     async def wait(self) -> None:
         """Until every lane is done; raises the first error a lane raised."""
         with self._lock:
