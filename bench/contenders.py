@@ -68,6 +68,14 @@ def dns_name(text: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:63].rstrip("-")
 
 
+def labelled(prefix: str, label: str) -> tuple[str, str]:
+    """The image name prefix and the series name of our server, or of the candidate
+    version `label` of it."""
+    if not label:
+        return prefix, OURS
+    return f"{prefix}-{label}", f"{OURS}[{label}]"
+
+
 class OurUpload:
     """`curl -T` into a new PVC image of our server; the answer comes once it is fsynced.
     A labelled instance is another version of the server (a candidate) in the same run."""
@@ -86,10 +94,9 @@ class OurUpload:
         self.stored = stored  # what the PVC's disk.img must hold afterwards, when given
         self.server = server
         self.source = source
-        self.prefix = f"{prefix}-{label}" if label else prefix
+        self.prefix, self.name = labelled(prefix, label)
         self.algorithms = algorithms
         self.label = label
-        self.name = f"{OURS}[{label}]" if label else OURS
         self.series = (self.name,)
         self.response = server.data_dir.parent / f"{self.prefix}-response.json"
 

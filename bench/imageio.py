@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.process import ChildProcess, free_port, port_open
+from bench.process import ChildProcess, ServerProcess, free_port, port_open
 
 VERSION = "2.5.1"
 
@@ -105,7 +105,7 @@ def install() -> Path:
     return program
 
 
-class ImageioDaemon:
+class ImageioDaemon(ServerProcess):
     """One `ovirt-imageio` daemon on two loopback ports (data and control)."""
 
     def __init__(self, program: Path, prefix: Path) -> None:
@@ -135,17 +135,6 @@ class ImageioDaemon:
         self.process = ChildProcess("ovirt-imageio", argv, self.prefix / "daemon.out")
         self.process.start(lambda: port_open(self.remote_port) and port_open(self.control_port))
         return self
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
-    def __enter__(self) -> ImageioDaemon:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def image_url(self, ticket: str) -> str:
         return f"http://127.0.0.1:{self.remote_port}/images/{ticket}"

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bench.process import ChildProcess, free_port
+from bench.process import ChildProcess, ServerProcess, free_port
 
 CONFIG = """\
 daemon off;
@@ -57,7 +57,7 @@ def nginx_binary() -> str:
     return path
 
 
-class Nginx:
+class Nginx(ServerProcess):
     """One nginx on a loopback port; PUT /PATH lands in `root/PATH`."""
 
     def __init__(self, prefix: Path, workers: int | str = 1) -> None:
@@ -100,11 +100,6 @@ class Nginx:
         except OSError:
             return False
 
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
     def worker_pid(self) -> int:
         """A worker process that serves requests (nginx's master only supervises); the
         only one with `workers` 1."""
@@ -119,9 +114,3 @@ class Nginx:
     def target(self, relative: str) -> tuple[str, Path]:
         """The URL to PUT to and the file it becomes."""
         return f"{self.url}/{relative}", self.root / relative
-
-    def __enter__(self) -> Nginx:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.process import ChildProcess, free_port
+from bench.process import ChildProcess, ServerProcess, free_port
 from bench.procstat import status_kib
 
 API = "/apis/virtualization.deckhouse.io/v1alpha2"
@@ -45,7 +45,7 @@ def http_manifest(name: str, url: str, storage: str = "PersistentVolumeClaim") -
     }
 
 
-class OurServer:
+class OurServer(ServerProcess):
     def __init__(
         self,
         data_dir: Path,
@@ -110,17 +110,6 @@ class OurServer:
                 return r.status == 200
         except OSError:
             return False
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
-            self.process = None
-
-    def __enter__(self) -> OurServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def peak_rss_kib(self) -> int | None:
         """VmHWM: the most memory the server has held since it started."""

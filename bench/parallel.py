@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.contenders import OURS, RunFailed, Sample, dns_name, remove_empty
+from bench.contenders import RunFailed, Sample, dns_name, labelled, remove_empty
 from bench.curl import CurlFailed, CurlResult, finish_put, start_put
 from bench.nginx import Nginx
 from bench.ours import OurServer
@@ -54,8 +54,7 @@ class OurParallelUploads:
         self.server = server
         self.source = source
         self.count = count
-        self.prefix = f"{prefix}-{label}" if label else prefix
-        self.name = f"{OURS}[{label}]" if label else OURS
+        self.prefix, self.name = labelled(prefix, label)
         self.series = (self.name,)
 
     def run(self, tag: str) -> Sample:

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Self
 
 
 def free_port() -> int:
@@ -87,3 +88,23 @@ def port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class ServerProcess:
+    """A server the harness runs as a ChildProcess: `start()` then `stop()`, or `with`."""
+
+    process: ChildProcess | None = None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -9,7 +9,7 @@ import hashlib
 import json
 import subprocess
 
-from bench.contenders import OURS, RunFailed, Sample, dns_name
+from bench.contenders import RunFailed, Sample, dns_name, labelled
 from bench.curl import CurlFailed, finish_put, start_put
 from bench.ours import OurServer
 from bench.procstat import Sampler
@@ -43,8 +43,7 @@ class OurRepeatedUpload:
         self.source = source
         self.copies = copies
         self.storage = storage
-        self.prefix = f"{prefix}-{label}" if label else prefix
-        self.name = f"{OURS}[{label}]" if label else OURS
+        self.prefix, self.name = labelled(prefix, label)
         self.series = (self.name,)
         self.size = copies * source.size
         self.response = server.data_dir.parent / f"{self.prefix}-response.json"
