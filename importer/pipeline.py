@@ -112,7 +112,6 @@ class Pipeline:
         self._dispatched = self.start
         self._next_checkpoint = self._checkpoint_after(self.start)
         self._lanes = LaneThreads([*self.checksums, *sink.lanes()])
-        # Page-aligned, so the sink may write them with O_DIRECT (see importer.directio).
         self._free: list[mmap.mmap] = []
         self._allocated = 0
         self._in_flight: collections.deque[tuple[Batch, mmap.mmap]] = collections.deque()
@@ -193,25 +192,25 @@ class Pipeline:
 
     async def _take_buffer(self) -> mmap.mmap:
         while self._in_flight and self._in_flight[0][0].done:
-            batch, block = self._in_flight.popleft()
-            await batch.wait()  # at once; raises what a lane raised
-            self._free.append(block)
+            await self._reclaim_oldest()
         if not self._free and self._allocated < self.options.depth:
             # Made when first needed: a transfer whose lanes keep up with its sender (a
-            # slow link) holds two.
+            # slow link) holds two. Page-aligned, so the sink may write them with O_DIRECT.
             self._allocated += 1
             return aligned_buffer(self.options.block_size)
         while not self._free:
-            batch, block = self._in_flight.popleft()
-            await batch.wait()
-            self._free.append(block)
+            await self._reclaim_oldest()
         return self._free.pop()
+
+    async def _reclaim_oldest(self) -> None:
+        """Waits for the oldest block in flight; raises what a lane raised on it."""
+        batch, block = self._in_flight.popleft()
+        await batch.wait()
+        self._free.append(block)
 
     async def _drain(self) -> None:
         while self._in_flight:
-            batch, block = self._in_flight.popleft()
-            await batch.wait()
-            self._free.append(block)
+            await self._reclaim_oldest()
 
     async def _stop_lanes(self) -> None:
         """Skip the blocks still queued and wait until no lane thread touches the sink."""

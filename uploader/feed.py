@@ -102,8 +102,7 @@ class UploadFeed:
         self.on_park = on_park
         self._parked = False
         self._suspended = False
-        self._body: Body | None = None  # the request attached
-        self._reading: Body | None = None  # the body being read (until its end is seen)
+        self._body: Body | None = None
         self._changed = asyncio.Event()
         self._closed = False
 
@@ -160,12 +159,10 @@ class UploadFeed:
         """Puts the image's next bytes at the front of `view`, from whichever request
         carries them; 0 once the image is complete (a Reader for the transfer)."""
         while not self.complete:
-            if self._reading is None:
-                self._reading = await self._next_body()
-            n = await self._take(self._reading, view)
+            body = await self._next_body()  # the attached one, while it lasts
+            n = await self._take(body, view)
             if n:
                 return n
-            body, self._reading = self._reading, None
             if body.end.result() is BodyEnd.COMPLETE:
                 break
         return 0

@@ -67,7 +67,6 @@ class _RequestBody:
         self.length = None if pieces is not None else request.content_length
         self.received = 0
         self._reader: Reader | None = None
-        self._taken: TransportBody | None = None
 
     def _open(self) -> Reader:
         request = self._request
@@ -81,10 +80,9 @@ class _RequestBody:
             and not content.is_eof()
         ):
             request[_CLOSE_AFTER_ANSWER] = True
-            self._taken = TransportBody(
+            return TransportBody(
                 cast(asyncio.Transport, transport), content.read_nowait(-1), self.length
             )
-            return self._taken
         return ChunkReader(self._pieces if self._pieces is not None else content.iter_any())
 
     async def readinto(self, view: memoryview) -> int:
@@ -107,8 +105,8 @@ class _RequestBody:
     def release(self) -> None:
         """Once the feed is done with the body: the transport goes back to aiohttp, for
         the answer and the close."""
-        if self._taken is not None:
-            self._taken.release()
+        if isinstance(self._reader, TransportBody):
+            self._reader.release()
             self._request.content.feed_eof()  # nothing left for aiohttp to read or linger on
 
 
