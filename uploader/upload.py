@@ -10,7 +10,6 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -18,7 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from importer.errors import ImageTooLarge, TransferError, TransferInterrupted
 from importer.sources.reader import EMPTY, ChunkReader, Reader
-from importer.sources.transportbody import TransportBody
+from importer.sources.transportbody import TransportBody, body_reader
 from uploader.api import CONTROLLER
 from uploader.errors import (
     ApiError,
@@ -36,7 +35,6 @@ from uploader.store import Object, key_of
 
 TUS_VERSION = "1.0.0"
 READ_CHUNK = 1 << 20
-TAKEOVER_MIN = 1 << 20
 _CLOSE_AFTER_ANSWER = "upload.close_after_answer"
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 _PAYLOAD_ERRORS = (
@@ -55,9 +53,9 @@ class _RequestBody:
     """A request's body as the upload's feed reads it; a sender that goes away early is a
     TransferInterrupted.
 
-    A body of known length from TAKEOVER_MIN up is received straight into the pipeline's
-    blocks (`TransportBody`); its connection then closes after the answer, since aiohttp
-    cannot parse another request on it. Smaller bodies (tus clients send many) keep their
+    A body of known length from 1 MiB up (`TAKEOVER_MIN`) is received straight into the
+    pipeline's blocks (`TransportBody`); its connection then closes after the answer, since
+    aiohttp cannot parse another request on it. Smaller bodies (tus clients send many) keep their
     connection alive; they, chunked bodies and multipart forms are read through aiohttp.
     """
 
@@ -69,21 +67,13 @@ class _RequestBody:
         self._reader: Reader | None = None
 
     def _open(self) -> Reader:
+        if self._pieces is not None:
+            return ChunkReader(self._pieces)
         request = self._request
-        content = request.content
-        transport = request.transport
-        if (
-            self._pieces is None
-            and self.length is not None
-            and self.length >= TAKEOVER_MIN
-            and transport is not None
-            and not content.is_eof()
-        ):
+        reader = body_reader(request.content, request.transport, self.length)
+        if isinstance(reader, TransportBody):
             request[_CLOSE_AFTER_ANSWER] = True
-            return TransportBody(
-                cast(asyncio.Transport, transport), content.read_nowait(-1), self.length
-            )
-        return ChunkReader(self._pieces if self._pieces is not None else content.iter_any())
+        return reader
 
     async def readinto(self, view: memoryview) -> int:
         if self._reader is None:

@@ -38,20 +38,18 @@ import logging
 import re
 import ssl
 from types import TracebackType
-from typing import cast
 
 import aiohttp
 
 from importer.errors import SourceUnreachable, StartOver
-from importer.sources.reader import ChunkReader, Reader
-from importer.sources.transportbody import TransportBody
+from importer.sources.reader import Reader
+from importer.sources.transportbody import TransportBody, body_reader
 
 log = logging.getLogger(__name__)
 
 # aiohttp's read buffer per connection: the body is handed on in the pieces received, at
 # most about this size each.
 READ_BUFSIZE = 1 << 20
-TAKEOVER_MIN = 1 << 20
 RETRY_STATUSES = frozenset({502, 503, 504})
 MAX_BACKOFF = 8.0
 
@@ -349,22 +347,15 @@ class HttpSource:
 
 
 def _body_of(response: aiohttp.ClientResponse) -> Reader:
-    """A body of known length from TAKEOVER_MIN up is received straight into the reader's
-    buffers (the connection is closed afterwards, not reused)."""
-    length = response.content_length
+    """A long body is received straight into the reader's buffers; its connection is
+    closed afterwards, not put back in the pool."""
     connection = response.connection
-    transport = connection.transport if connection is not None else None
-    if (
-        length is not None
-        and length >= TAKEOVER_MIN
-        and transport is not None
-        and "Transfer-Encoding" not in response.headers
-        and not response.content.is_eof()
-    ):
-        return TransportBody(
-            cast(asyncio.Transport, transport), response.content.read_nowait(-1), length
-        )
-    return ChunkReader(response.content.iter_any())
+    chunked = "Transfer-Encoding" in response.headers
+    return body_reader(
+        response.content,
+        connection.transport if connection is not None else None,
+        None if chunked else response.content_length,
+    )
 
 
 def _describe(exc: BaseException) -> str:

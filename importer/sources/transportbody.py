@@ -17,6 +17,13 @@ from __future__ import annotations
 import asyncio
 from typing import cast
 
+import aiohttp
+
+from importer.sources.reader import ChunkReader, Reader
+
+# Bodies from this size up are taken over; smaller ones stay with aiohttp, and their
+# connection stays open for the next request (tus clients send many small parts).
+TAKEOVER_MIN = 1 << 20
 # A read returns what it has once nothing more arrived for this long, so a slow sender's
 # bytes are counted as they come, not once a whole block is full.
 QUIET = 0.05
@@ -142,3 +149,19 @@ class TransportBody(asyncio.BufferedProtocol):
             self._previous.connection_lost(self._lost_with)
         elif self._transport.get_protocol() is self:
             self._transport.set_protocol(self._previous)
+
+
+def body_reader(
+    content: aiohttp.StreamReader, transport: asyncio.BaseTransport | None, length: int | None
+) -> Reader:
+    """The rest of the body that aiohttp receives into `content`: taken over when its
+    `length` is known, from TAKEOVER_MIN up and not all in yet (the caller must then close
+    the connection after it, see the module's docstring); else read through aiohttp."""
+    if (
+        length is not None
+        and length >= TAKEOVER_MIN
+        and transport is not None
+        and not content.is_eof()
+    ):
+        return TransportBody(cast(asyncio.Transport, transport), content.read_nowait(-1), length)
+    return ChunkReader(content.iter_any())
