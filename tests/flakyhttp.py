@@ -24,7 +24,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Self
+from typing import Any, Self
 
 FILE_PATH = "/file"
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
@@ -232,28 +232,41 @@ class FlakyServer:
 
 class _LoopbackProxy:
     """A TCP server on a loopback port while the `async with` lasts; `_serve` handles each
-    connection, and the tasks it leaves in `_tasks` are cancelled at the end."""
+    connection, and it and the tasks it leaves in `_tasks` are cancelled at the end."""
 
     port = 0
     _server: asyncio.Server | None = None
 
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
     async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._connected, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self._server.wait_closed()
+
+    async def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """`_serve` in a task the end of the `async with` cancels and waits for (the
+        server's own connection tasks are neither)."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(task)
 
 
 class CuttingProxy(_LoopbackProxy):
@@ -319,11 +332,16 @@ class RequestCuttingProxy(_LoopbackProxy):
     on `upstream_port` and drops the connection (both sides) in the middle of a request
     body: the n-th request that has a body is cut after `cuts[n]` bytes of it, until the
     list is used up. Requests are parsed just enough to find their bodies
-    (Content-Length; a chunked body is counted raw and ends the parsing)."""
+    (Content-Length; a chunked body is counted raw and ends the parsing).
 
-    def __init__(self, upstream_port: int, cuts: list[int]) -> None:
+    With `settle`, a cut waits until the server says (HEAD, `Upload-Offset`) that it has
+    taken every byte forwarded before it, so that what the client hears next does not
+    depend on how fast the server happened to be."""
+
+    def __init__(self, upstream_port: int, cuts: list[int], settle: bool = False) -> None:
         self.upstream_port = upstream_port
         self.cuts = list(cuts)
+        self.settle = settle
         self.requests: list[tuple[str, str | None]] = []  # method, Content-Range
         self.cut = 0
         super().__init__()
@@ -377,11 +395,47 @@ class RequestCuttingProxy(_LoopbackProxy):
                     if limit is not None and sent + len(data) >= limit:
                         up.write(data[: limit - sent])
                         await up.drain()
+                        if self.settle:
+                            target = lines[0].split(" ")[1]
+                            start = _body_start(headers)
+                            await self._server_has(target, start + limit)
                         self.cut += 1
                         return
                     up.write(data)
                     await up.drain()
                     sent += len(data)
+
+    async def _server_has(self, target: str, offset: int, timeout: float = 10.0) -> None:
+        """Waits until a HEAD of `target` on the server answers `Upload-Offset: offset`
+        or more."""
+        async with asyncio.timeout(timeout):
+            while await _upload_offset(self.upstream_port, target) < offset:
+                await asyncio.sleep(0.02)
+
+
+def _body_start(headers: dict[str, str]) -> int:
+    """Where in the upload a request's body starts: its Content-Range or Upload-Offset."""
+    content_range = headers.get("content-range", "")
+    if content_range.startswith("bytes ") and "-" in content_range:
+        return int(content_range[len("bytes ") :].split("-", 1)[0])
+    return int(headers.get("upload-offset", "0"))
+
+
+async def _upload_offset(port: int, target: str) -> int:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            f"HEAD {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nTus-Resumable: 1.0.0\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+    finally:
+        writer.close()
+    for line in head.split("\r\n")[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "upload-offset":
+            return int(value.strip())
+    return -1
 
 
 async def _copy_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

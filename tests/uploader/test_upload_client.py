@@ -83,7 +83,7 @@ async def test_upload_cut_three_times_resumes_to_the_same_image(
     url = server.upload_url("cut")
     cuts = [5 * MiB, 11 * MiB, 3 * MiB + 12345]
 
-    async with RequestCuttingProxy(server.port, cuts) as proxy:
+    async with RequestCuttingProxy(server.port, cuts, settle=True) as proxy:
         code, out, err, _ = await upload("--retry-wait", "0.2", str(image), proxy.url(url))
 
     assert code == 0, err
