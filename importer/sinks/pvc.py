@@ -4,8 +4,9 @@ A filesystem claim gets `disk.img`: written under a temporary name in the claim 
 all-zero ranges left as holes, truncated to the exact virtual size, fsynced, then renamed
 over `disk.img`, so a failed or refused transfer never leaves half-written data behind and
 never touches what was stored before. A block claim (a block device, or a pre-sized file
-given by path) is written in place; its zero ranges are explicitly zeroed, since the old
-contents are still there.
+given by path) is written in place; its zero ranges, the ranges a converter skips (a
+qcow2's unallocated clusters) and the tail past the image are explicitly zeroed, since the
+old contents are still there.
 
 Both can be synced and reopened, for a transfer that continues in another process from a
 snapshot (`PvcSink.snapshot`, `PvcSink.resume`).
@@ -296,6 +297,11 @@ class BlockClaimTarget:
         _check_capacity(end, self.capacity, f"the block claim {self.path}")
         pos = offset
         try:
+            if offset > self.end:
+                # Nothing was written between the furthest write and this one, and the old
+                # contents are still there: zero them now, so that every byte up to `end`
+                # is either written or zeroed (a later write into the gap overwrites zeros).
+                self._zero(self.end, offset - self.end)
             for run_offset, run in data_runs(offset, data):
                 if run_offset > pos:
                     self._zero(pos, run_offset - pos)

@@ -373,13 +373,13 @@ def test_snapshots_leave_the_decoder_going(
 def test_block_claim(
     name: str, where: str, reference: Callable[[str], Reference], tmp_path: Path
 ) -> None:
-    """A block claim (here a pre-sized file, with old data past the image, which the
-    commit zeroes from where the writes ended) is reopened in place; cut halfway, or
-    after the last byte (nothing more is written, `finish` and the commit remain)."""
+    """A block claim (here a pre-sized file full of old data, which must read as zeros
+    wherever the image has none) is reopened in place; cut halfway, or after the last
+    byte (nothing more is written, `finish` and the commit remain)."""
     ref = reference(name)
     data = memoryview(ref.image.read_bytes())
     device = tmp_path / "device"
-    device.write_bytes(bytes(ref.size) + b"\xee" * MiB)
+    device.write_bytes(b"\xee" * (ref.size + MiB))
     bounds = _bounds(data, name)
     limits = _limits(tmp_path / "spill")
     target = BlockClaimTarget(device)

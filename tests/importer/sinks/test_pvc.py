@@ -92,6 +92,27 @@ def test_block_claim_writes_in_place_and_zeroes_stale_data(tmp_path: Path) -> No
     assert data[4 * MiB :] == bytes(4 * MiB)
 
 
+def test_block_claim_zeroes_what_no_write_covers(tmp_path: Path) -> None:
+    """A converter skips unallocated clusters and may write out of order: the ranges no
+    write covered read as zeros, not as the device's old contents."""
+    device = tmp_path / "device"
+    device.write_bytes(b"\xff" * (8 * MiB))
+    target = BlockClaimTarget(device)
+    first, last, early = os.urandom(MiB), os.urandom(MiB), os.urandom(4096)
+    target.write(0, first)
+    target.write(5 * MiB, last)  # 1-5 MiB skipped
+    target.write(2 * MiB, early)  # back into the skipped range
+    target.commit(6 * MiB)
+    data = device.read_bytes()
+    assert data[:MiB] == first
+    assert data[MiB : 2 * MiB] == bytes(MiB)
+    assert data[2 * MiB : 2 * MiB + 4096] == early
+    assert data[2 * MiB + 4096 : 5 * MiB] == bytes(3 * MiB - 4096)
+    assert data[5 * MiB : 6 * MiB] == last
+    assert data[6 * MiB :] == bytes(2 * MiB)
+    assert target.written == 2 * MiB + 4096
+
+
 def test_block_claim_too_small(tmp_path: Path) -> None:
     device = tmp_path / "device"
     device.write_bytes(bytes(MiB))
