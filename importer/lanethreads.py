@@ -46,6 +46,11 @@ class Batch:
     def done(self) -> bool:
         return self._pending == 0
 
+    @property
+    def failed(self) -> bool:
+        """A lane raised on this call (`wait()` raises it)."""
+        return self._error is not None
+
     async def wait(self) -> None:
         """Until every lane is done; raises the first error a lane raised."""
         with self._lock:

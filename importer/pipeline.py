@@ -8,7 +8,8 @@ receiving; the hashes (libcrypto through ctypes), zlib and os.pwrite release the
 large buffers, so both cores work.
 When every buffer is in flight, the pipeline waits for the oldest block to be done before
 reading more from the source: that is the backpressure that reaches the socket. Memory per
-transfer is bounded by `block_size * depth`, whatever the size of the image.
+transfer is bounded by `block_size * depth`, whatever the size of the image, and a transfer
+whose source keeps it waiting (a broken upload waiting to be continued) holds one block.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ from importer.sources.reader import ByteStream, Reader, as_reader
 # single fast upload, at most 16 MiB per transfer.
 BLOCK_SIZE = 2 << 20
 DEPTH = 8
+# A read from the source that has waited this long (an upload waiting to be continued, a
+# stalled server) lets go of the buffers it is not filling: a waiting transfer holds one.
+IDLE_AFTER = 1.0
 
 
 class Lane(Protocol):
@@ -91,6 +95,7 @@ class PipelineOptions:
     checkpoint_every: int | None = None
     on_checkpoint: Callable[[Checkpoint], Awaitable[None]] | None = None
     resume_from: Checkpoint | None = None  # continue a transfer at its checkpoint
+    idle_after: float = IDLE_AFTER
 
 
 class Pipeline:
@@ -115,6 +120,12 @@ class Pipeline:
         self._free: list[mmap.mmap] = []
         self._allocated = 0
         self._in_flight: collections.deque[tuple[Batch, mmap.mmap]] = collections.deque()
+        self._idle: asyncio.TimerHandle | None = None
+
+    @property
+    def buffers(self) -> int:
+        """How many block buffers the transfer holds now."""
+        return self._allocated
 
     async def run(self, source: ByteStream) -> TransferResult:
         """Stream the source through every lane into the sink; returns once committed."""
@@ -161,7 +172,7 @@ class Pipeline:
         filled = 0
         received = self.start
         try:
-            while n := await source.readinto(memoryview(block)[filled:]):
+            while n := await self._read(source, memoryview(block)[filled:]):
                 received += n
                 if limit is not None and received > limit:
                     raise ImageTooLarge(f"the upload is larger than the limit of {limit} bytes")
@@ -184,6 +195,28 @@ class Pipeline:
         else:
             self._free.append(block)
         return received
+
+    async def _read(self, source: Reader, view: memoryview) -> int:
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(self.options.idle_after, self._let_go_of_spare_buffers)
+        try:
+            return await source.readinto(view)
+        finally:
+            self._idle.cancel()
+            self._idle = None
+
+    def _let_go_of_spare_buffers(self) -> None:
+        """While a read waits: drops the free buffers and those whose block every lane is
+        done with (a lane's error stays queued for the pump to raise), and looks again
+        later for those still in flight."""
+        while self._in_flight and self._in_flight[0][0].done and not self._in_flight[0][0].failed:
+            self._in_flight.popleft()
+            self._allocated -= 1
+        self._allocated -= len(self._free)
+        self._free.clear()
+        if self._in_flight and self._idle is not None:
+            loop = asyncio.get_running_loop()
+            self._idle = loop.call_later(self.options.idle_after, self._let_go_of_spare_buffers)
 
     def _dispatch(self, block: mmap.mmap, length: int) -> None:
         self._dispatched += length

@@ -130,6 +130,37 @@ async def test_backpressure_stops_reading_the_source() -> None:
     assert max(ahead) <= (3 + 1) * block
 
 
+async def test_a_waiting_source_leaves_the_transfer_one_buffer() -> None:
+    """A source that delivered fast, then waits (an upload waiting to be continued): the
+    transfer lets go of every buffer but the one being filled, and takes new ones once the
+    bytes flow again; nothing is lost on the way."""
+    block = 1 << 20
+    sink = MemorySink(delay=0.01)
+    options = PipelineOptions(block_size=block, depth=4, idle_after=0.1)
+    pipeline = Pipeline(sink, options)
+    data = os.urandom(13 * block + 4321)
+    go_on = asyncio.Event()
+    held: list[int] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        yield data[: 6 * block + 100]
+        held.append(pipeline.buffers)
+        await go_on.wait()
+        yield data[6 * block + 100 :]
+
+    task = asyncio.create_task(pipeline.run(source()))
+    while not held:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)
+    waiting = pipeline.buffers
+    go_on.set()
+    result = await task
+    assert held[0] == 4
+    assert waiting == 1
+    assert bytes(sink.data) == data
+    assert result.checksums["sha256"] == hashlib.sha256(data).hexdigest()
+
+
 async def test_cancellation_waits_for_lanes_and_aborts() -> None:
     sink = MemorySink(delay=0.05)
 
