@@ -115,6 +115,10 @@ class OurServer(ServerProcess):
         """VmHWM: the most memory the server has held since it started."""
         return status_kib(self.pid, "VmHWM")
 
+    def rss_kib(self) -> int | None:
+        """VmRSS: the memory the server holds now."""
+        return status_kib(self.pid, "VmRSS")
+
     # -- API ----------------------------------------------------------------------------
 
     def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:

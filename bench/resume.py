@@ -14,6 +14,8 @@ prints its own figures:
     throughput.
 (c) The throughput of one upload at full speed alone, against the same upload while
     `--concurrent` - 1 others run, each held to `--others-rate` by curl's --limit-rate.
+(d) Server memory (VmRSS) while `--concurrent` uploads wait to be continued: each sent
+    half of `--concurrent-size` at full speed, all at once, and its curl was killed.
 
 Every upload's answer is checked (200, Ready, the sha256 of the file). Like `python -m
 bench` it runs the server of this checkout, keeps everything in one directory on a disk
@@ -310,6 +312,49 @@ def one_among_many(
     return result
 
 
+@dataclass
+class WaitingRun:
+    uploads: int
+    idle_rss_mib: float
+    sending_peak_rss_mib: float  # VmHWM while they sent
+    waiting_rss_mib: float  # VmRSS a few seconds after the last curl was killed
+
+
+def waiting_to_continue(
+    workdir: Path, source: SourceFile, count: int, storage: str, env: dict[str, str]
+) -> WaitingRun:
+    with OurServer(workdir / "waiting", env=env) as server:
+        urls = [server.create_upload(f"waiting-{i}", storage) for i in range(count)]
+        idle = (server.rss_kib() or 0) / 1024
+        read_through(source.path)
+        procs = [start_upload(source.path, url) for url in urls]
+        probes = [OffsetProbe(url) for url in urls]
+        try:
+            sending = dict(zip(procs, probes, strict=True))
+            while sending:
+                for proc, probe in list(sending.items()):
+                    if probe.offset() >= source.size // 2:
+                        proc.kill()
+                        proc.communicate()
+                        del sending[proc]
+                    elif proc.poll() is not None:
+                        raise UploadFailed("an upload ended before its cut")
+                time.sleep(0.005)
+        finally:
+            for proc in procs:
+                proc.kill()
+            for probe in probes:
+                probe.close()
+        peak = (server.peak_rss_kib() or 0) / 1024
+        time.sleep(3.0)  # long enough for every transfer to notice it waits
+        waiting = (server.rss_kib() or 0) / 1024
+        for i in range(count):
+            server.delete(f"waiting-{i}")
+    shutil.rmtree(workdir / "waiting", ignore_errors=True)
+    settle()
+    return WaitingRun(count, idle, peak, waiting)
+
+
 # -- the command ---------------------------------------------------------------------------
 
 
@@ -321,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=_size, default=parse_size("1GiB"), help="(a): 1GiB")
     parser.add_argument("--cut-at", type=float, default=0.5, help="(a): where to cut, 0.5")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of (a) and (c): 3")
-    parser.add_argument("--concurrent", type=int, default=32, help="(b), (c): 32 uploads")
+    parser.add_argument("--concurrent", type=int, default=32, help="(b)-(d): 32 uploads")
     parser.add_argument(
-        "--concurrent-size", type=_size, default=parse_size("64MiB"), help="(b), (c): 64MiB"
+        "--concurrent-size", type=_size, default=parse_size("64MiB"), help="(b)-(d): 64MiB"
     )
     parser.add_argument(
         "--others-rate", default="2M", help="(c): curl --limit-rate of the others, 2M"
@@ -392,6 +437,8 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
     among = one_among_many(
         workdir, small, args.concurrent - 1, args.others_rate, args.rounds, storage, env
     )
+    _log(f"(d) {args.concurrent} uploads cut halfway, waiting to be continued")
+    waiting = waiting_to_continue(workdir, small, args.concurrent, storage, env)
 
     meta = machine.describe(workdir)
     ratio = statistics.median(c.total_s for c in cuts) / statistics.median(uncut)
@@ -423,6 +470,11 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
         f"while {among.others} others run at {among.others_rate}/s each {crowded:.0f} MB/s "
         f"(ratio {crowded / alone:.2f}); server peak RSS {among.peak_rss_mib:.0f} MiB"
     )
+    print(
+        f"(d) {waiting.uploads} uploads cut halfway, waiting to be continued: server RSS "
+        f"{waiting.waiting_rss_mib:.0f} MiB (idle {waiting.idle_rss_mib:.0f} MiB; peak "
+        f"{waiting.sending_peak_rss_mib:.0f} MiB while they sent)"
+    )
     print(f"\n(total {time.monotonic() - started:.0f}s)")
     if args.json:
         figures = {
@@ -435,6 +487,7 @@ def _run(args: argparse.Namespace, workdir: Path) -> int:
             "cut_ratio": ratio,
             "many": asdict(many),
             "one_among_many": asdict(among),
+            "waiting": asdict(waiting),
         }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return 0
