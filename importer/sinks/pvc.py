@@ -97,7 +97,40 @@ def _check_capacity(size: int, capacity: int | None, where: str) -> None:
         )
 
 
-class FileClaimTarget:
+class _ClaimDescriptors:
+    """A claim's data opened twice: `fd` through the page cache and `direct_fd` with
+    O_DIRECT, where the storage takes it. Aligned writes go direct; what goes through the
+    page cache is written back as it accumulates, so that the final fsync has little left."""
+
+    fd: int = -1
+    direct_fd: int | None = None
+    _buffered = 0  # bytes written through the page cache since the last writeback
+
+    def _open_direct(self, path: Path) -> None:
+        try:
+            self.direct_fd = open_direct(path)
+        except OSError as exc:
+            self.close()
+            _raise_os_error(exc, f"opening {path}")
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        self._buffered += _pwrite_all(self.fd, data, offset, self.direct_fd)
+        if self._buffered >= WRITEBACK_EVERY:
+            start_writeback(self.fd)
+            self._buffered = 0
+
+    def close(self) -> None:
+        """Lets go of the claim, leaving what was written in place (for a transfer that
+        goes on elsewhere)."""
+        if self.direct_fd is not None:
+            os.close(self.direct_fd)
+            self.direct_fd = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FileClaimTarget(_ClaimDescriptors):
     """A filesystem claim: `disk.img` in the claim directory, raw and sparse."""
 
     def __init__(
@@ -109,9 +142,7 @@ class FileClaimTarget:
         self.partial = directory / ".disk.img.partial"
         self.end = 0  # highest byte written + 1
         self.written = 0  # bytes that went to disk (holes excluded)
-        self._buffered = 0  # bytes written through the page cache since the last writeback
         self._named = _reopen  # the partial file's name is durable
-        self.direct_fd: int | None = None  # the same file with O_DIRECT, where it works
         if _reopen:
             try:
                 self.fd = os.open(self.partial, os.O_RDWR | os.O_CLOEXEC)
@@ -126,11 +157,7 @@ class FileClaimTarget:
                 self.fd = os.open(self.partial, flags, 0o644)
             except OSError as exc:
                 _raise_os_error(exc, f"creating {self.partial}")
-        try:
-            self.direct_fd = open_direct(self.partial)
-        except OSError as exc:
-            self.close()
-            _raise_os_error(exc, f"opening {self.partial}")
+        self._open_direct(self.partial)
 
     @classmethod
     def reopen(
@@ -177,34 +204,19 @@ class FileClaimTarget:
         except OSError as exc:
             _raise_os_error(exc, "syncing the image")
 
-    def close(self) -> None:
-        """Lets go of the partial file, leaving it in place (for a transfer that goes on
-        elsewhere)."""
-        if self.direct_fd is not None:
-            os.close(self.direct_fd)
-            self.direct_fd = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
     def declare_size(self, virtual_size: int) -> None:
         _check_capacity(virtual_size, self.capacity, "the claim")
 
     def write(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
         _check_capacity(end, self.capacity, "the claim")
-        buffered = 0
         try:
             for run_offset, run in data_runs(offset, data):
-                buffered += _pwrite_all(self.fd, run, run_offset, self.direct_fd)
+                self._pwrite(run, run_offset)
                 self.written += len(run)
         except OSError as exc:
             _raise_os_error(exc, "writing the image")
         self.end = max(self.end, end)
-        self._buffered += buffered
-        if self._buffered >= WRITEBACK_EVERY:
-            start_writeback(self.fd)
-            self._buffered = 0
 
     def commit(self, virtual_size: int) -> None:
         """Exact size, durable, then visible as `disk.img`."""
@@ -229,7 +241,7 @@ class FileClaimTarget:
         return st.st_blocks * 512
 
 
-class BlockClaimTarget:
+class BlockClaimTarget(_ClaimDescriptors):
     """A block claim: a block device or a pre-sized file, written in place."""
 
     def __init__(self, path: Path) -> None:
@@ -247,6 +259,7 @@ class BlockClaimTarget:
             self.capacity = st.st_size
         self.end = 0
         self.written = 0
+        self._open_direct(path)
 
     @classmethod
     def reopen(cls, path: Path, state: dict[str, Any]) -> BlockClaimTarget:
@@ -283,12 +296,6 @@ class BlockClaimTarget:
         except OSError as exc:
             _raise_os_error(exc, "syncing the image")
 
-    def close(self) -> None:
-        """Lets go of the claim without finishing it."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
     def declare_size(self, virtual_size: int) -> None:
         _check_capacity(virtual_size, self.capacity, f"the block claim {self.path}")
 
@@ -305,7 +312,7 @@ class BlockClaimTarget:
             for run_offset, run in data_runs(offset, data):
                 if run_offset > pos:
                     self._zero(pos, run_offset - pos)
-                _pwrite_all(self.fd, run, run_offset)
+                self._pwrite(run, run_offset)
                 self.written += len(run)
                 pos = run_offset + len(run)
             if end > pos:
@@ -335,15 +342,12 @@ class BlockClaimTarget:
             if self.capacity > self.end:
                 self._zero(self.end, self.capacity - self.end)
             os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            self.close()
         except OSError as exc:
             _raise_os_error(exc, "finishing the image")
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close()
 
     @property
     def stored_bytes(self) -> int:

@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from importer.directio import aligned_buffer
 from importer.errors import ImageTooLarge
 from importer.sinks.pvc import ZERO_GRANULE, BlockClaimTarget, FileClaimTarget, data_runs
 
 MiB = 1 << 20
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 MiB block device (a loop device over a file full of 0xff: old data)."""
+    backing = tmp_path / "backing"
+    backing.write_bytes(b"\xff" * (64 * MiB))
+    attached = subprocess.run(
+        ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
+    )
+    if attached.returncode != 0:
+        pytest.skip(f"no loop device on this machine: {attached.stderr.strip()}")
+    device = Path(attached.stdout.strip())
+    try:
+        yield device
+    finally:
+        subprocess.run(["losetup", "--detach", str(device)], check=True)
 
 
 def test_data_runs_skip_zero_granules() -> None:
@@ -111,6 +131,32 @@ def test_block_claim_zeroes_what_no_write_covers(tmp_path: Path) -> None:
     assert data[5 * MiB : 6 * MiB] == last
     assert data[6 * MiB :] == bytes(2 * MiB)
     assert target.written == 2 * MiB + 4096
+
+
+def test_a_block_device_is_written_directly_and_zeroed_where_the_image_has_nothing(
+    loop_device: Path,
+) -> None:
+    target = BlockClaimTarget(loop_device)
+    assert target.is_device
+    assert target.capacity == 64 * MiB
+    assert target.direct_fd is not None, "a block device takes O_DIRECT"
+    head = os.urandom(8 * MiB)
+    block = aligned_buffer(4 * MiB)
+    block[:MiB] = head[:MiB]  # then 2 MiB of zeros, then data again
+    block[3 * MiB :] = head[-MiB:]
+    first = aligned_buffer(len(head))
+    first[:] = head
+    target.write(0, memoryview(first))
+    target.write(16 * MiB, memoryview(block))  # 8-16 MiB never written
+    target.write(20 * MiB, memoryview(b"tail"))  # unaligned: through the page cache
+    target.commit(20 * MiB + 4)
+    data = loop_device.read_bytes()
+    assert len(data) == 64 * MiB
+    assert data[: 8 * MiB] == head
+    assert data[8 * MiB : 16 * MiB] == bytes(8 * MiB)
+    assert data[16 * MiB : 20 * MiB] == bytes(block)
+    assert data[20 * MiB : 20 * MiB + 4] == b"tail"
+    assert data[20 * MiB + 4 :] == bytes(44 * MiB - 4)
 
 
 def test_block_claim_too_small(tmp_path: Path) -> None:
