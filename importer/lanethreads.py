@@ -82,14 +82,23 @@ class _LaneThread:
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
             fn, args, batch = job
-            error = None
-            if not (self.failed or self.stopped):
-                try:
-                    fn(*args)
-                except BaseException as exc:
-                    self.failed = True
-                    error = exc
+            # Nothing here may keep the block once the lane is done with it (a waiting
+            # transfer lets go of its spare blocks, see Pipeline), and the waiter hears
+            # right after.
+            del job
+            error = self._call(fn, args)
+            del fn, args
             batch.lane_done(error)
+
+    def _call(self, fn: Callable[..., None], args: tuple[object, ...]) -> BaseException | None:
+        if self.failed or self.stopped:
+            return None
+        try:
+            fn(*args)
+        except BaseException as exc:
+            self.failed = True
+            return exc
+        return None
 
     def submit(self, job: _Job) -> None:
         self._jobs.put(job)
