@@ -90,6 +90,11 @@ class ImageDecoder(Converter):
         finally:
             self.close()
 
+    def settle(self) -> None:
+        """Completes the decoding still in flight on other threads (xz blocks), so that
+        everything fed so far has reached the target; between two feeds."""
+        self._entry.settle()
+
     def close(self) -> None:
         """Release what the stages hold (spill files); safe to call more than once."""
         self._entry.close()
@@ -142,6 +147,10 @@ class _Probe:
         assert self.next is not None
         self.next.finish()
 
+    def settle(self) -> None:
+        if self.next is not None:
+            self.next.settle()
+
     def close(self) -> None:
         if self.next is not None:
             self.next.close()
@@ -163,6 +172,9 @@ class _ConverterStage:
 
     def finish(self) -> None:
         self.decoder.info = self.converter.finish()
+
+    def settle(self) -> None:
+        pass  # converters work in the caller's thread
 
     def close(self) -> None:
         close = getattr(self.converter, "close", None)
@@ -229,6 +241,9 @@ class _RawStage:
                 return
         self._write(memoryview(held))
         self.decoder.info = ImageInfo(format="raw", virtual_size=self.offset)
+
+    def settle(self) -> None:
+        pass  # writes happen in the caller's thread
 
     def close(self) -> None:
         self.tail = bytearray()

@@ -14,9 +14,11 @@ to a spill file are never rewritten, so the decoder may keep appending), and who
 stores the snapshot deletes them with it (`spill_files`).
 
 Not every stream can be saved: the decompressor objects of zlib, lzma, bz2 and zstandard
-cannot be serialized, so while an unwrap stage holds one (a gzip, xz or bzip2 member is
-under way; a zstd stream, always) `snapshot_decoder` returns None. A tar archive without
-compression is plain data and can be saved.
+cannot be serialized, so while an unwrap stage holds one (a gzip or bzip2 member is under
+way; an xz stream decoded the usual way; a zstd stream, always) `snapshot_decoder` returns
+None. An xz stream of blocks that give their sizes (`xz -T0`) is decoded without one and
+can be saved anywhere (importer.formats.xz), and so can a tar archive without
+compression.
 
 The state starts with a magic and a format version and ends with a sha256 of the rest;
 it also records a fingerprint of this package's source, since pickled converter state
@@ -47,7 +49,6 @@ import zstandard
 from importer.formats.base import Limits, RawTarget
 from importer.formats.decoder import ImageDecoder
 from importer.formats.spillfile import SpillFile
-from importer.formats.xz import XzDecoder
 
 MAGIC: Final = b"IMGDEC\r\n"
 VERSION: Final = 1
@@ -60,7 +61,6 @@ _DECOMPRESSORS: Final = (
     bz2.BZ2Decompressor,
     zstandard.ZstdDecompressor,
     type(zstandard.ZstdDecompressor().decompressobj()),
-    XzDecoder,
 )
 
 # What a state may name besides the classes and functions of this package.
@@ -88,10 +88,13 @@ class _NotSnapshottable(Exception):
 def snapshot_decoder(decoder: ImageDecoder, extra: dict[str, Any] | None = None) -> bytes | None:
     """The decoder's state, to go on in another process from the same input offset; None
     when an unwrap stage holds a decompressor (zlib, lzma, bz2, zstd), which cannot be
-    serialized. Call it between two `feed` calls, never during one. Its spill files are
-    fdatasynced (and their directory entries fsynced) before it returns; the target is
-    not: the caller syncs the target's data before storing the state. `extra` (JSON-able)
-    is stored along, for `state_metadata`."""
+    serialized. Call it between two `feed` calls, never during one. It settles the decoder
+    first; settle it yourself before reading anything of the target for `extra`, since
+    settling may still write to the target. Its spill files are fdatasynced (and their
+    directory entries fsynced) before it returns; the target is not: the caller syncs the
+    target's data before storing the state. `extra` (JSON-able) is stored along, for
+    `state_metadata`."""
+    decoder.settle()
     out = io.BytesIO()
     pickler = _Pickler(out, decoder.target)
     try:

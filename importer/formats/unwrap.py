@@ -43,6 +43,11 @@ class Stage(Protocol):
 
     def finish(self) -> None: ...
 
+    def settle(self) -> None:
+        """Completes the work still in flight on other threads, so that everything fed so
+        far has reached the target (before a snapshot; between two feeds)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -75,6 +80,9 @@ class _Unwrapper:
                 "any image within the size limit can take"
             )
         self.downstream.feed(memoryview(out))
+
+    def settle(self) -> None:
+        self.downstream.settle()
 
     def close(self) -> None:
         self.downstream.close()
@@ -183,6 +191,10 @@ class XzReader(_Unwrapper):
     def finish(self) -> None:
         self._xz.finish()
         self.downstream.finish()
+
+    def settle(self) -> None:
+        self._xz.settle()
+        self.downstream.settle()
 
     def close(self) -> None:
         self._xz.close()
@@ -543,6 +555,9 @@ class TarReader:
         if self.file_name is None:
             raise InvalidImage("tar: the archive holds no file")
         self.downstream.finish()
+
+    def settle(self) -> None:
+        self.downstream.settle()
 
     def close(self) -> None:
         self.downstream.close()

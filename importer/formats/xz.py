@@ -12,6 +12,11 @@ A stream whose first block does not give its sizes (plain `xz`, single-threaded)
 blocks are too large to hold a few in memory, is decompressed the usual way, one piece at
 a time. Memory: at most `MAX_IN_FLIGHT` blocks of at most `MAX_BLOCK` bytes, each held
 compressed and then decompressed, plus the block being received.
+
+A decoder of blocks can be saved between two feeds (importer.formats.snapshot): once
+`settle()` has handed on the blocks in flight, all it holds is plain data (the headers
+parsed, the sizes of the blocks seen, the part of the block being received). A stream
+decoded the usual way holds liblzma's state, which cannot be saved.
 """
 
 from __future__ import annotations
@@ -192,6 +197,20 @@ class XzDecoder:
             self._drain(0)
             return
         raise InvalidImage("xz: the compressed stream is truncated")
+
+    def settle(self) -> None:
+        """Hands on every block in flight (between two feeds)."""
+        self._drain(0)
+
+    def __getstate__(self) -> dict[str, object]:
+        """For a snapshot, after `settle()`; the worker threads are made again as needed."""
+        if self._in_flight:
+            raise RuntimeError("the xz decoder has blocks in flight: settle() it first")
+        return {**self.__dict__, "_executor": None, "_in_flight": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._in_flight = collections.deque()
 
     def close(self) -> None:
         for future in self._in_flight:

@@ -29,6 +29,12 @@ class DecodeLane:
     def close(self) -> None:
         self.decoder.close()
 
+    def settle(self) -> None:
+        """Completes the decoding in flight on other threads (only while no `update`
+        runs): what was fed so far is then on the target."""
+        if isinstance(self.decoder, ImageDecoder) and self.info is None:
+            self.decoder.settle()
+
     def image_info(self) -> ImageInfo:
         if self.info is None:
             raise RuntimeError("the image is not complete yet")

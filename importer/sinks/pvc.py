@@ -409,6 +409,7 @@ class PvcSink:
         are durable; the caller then stores the state durably. Only while the lane is idle
         (between two blocks). None when the stream cannot be saved (a compressed wrapper,
         see importer.formats.snapshot)."""
+        self.decode.settle()  # before the target's counters are read: it may still write
         state = self.decode.snapshot({"target": self.target.state()})
         if state is not None:
             self.target.sync()

@@ -52,6 +52,9 @@ class Collect:
     def finish(self) -> None:
         self.finished = True
 
+    def settle(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 
