@@ -129,6 +129,20 @@ class _Block:
     def missing(self) -> int:
         return self.body_size - self.received
 
+    def __getstate__(self) -> dict[str, object]:
+        """Of a block held to decode, only the part received so far is saved."""
+        state = self.__dict__.copy()
+        if self.stream is not None:
+            state["stream"] = self.stream[: len(self.head) + self.received]
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        if self.stream is not None:
+            received = self.stream
+            self.hold()
+            self.stream[: len(received)] = received
+
 
 def _decode_block(stream: bytearray, expected: int) -> list[bytes]:
     """A one-block stream's data, in pieces of at most PIECE (never joined: no second copy

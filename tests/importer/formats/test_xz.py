@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import random
 import subprocess
 from pathlib import Path
@@ -55,6 +56,52 @@ def test_multi_block_streams_are_decoded_on_workers(raw: Path, piece: int) -> No
     out, decoder = decode(blob, piece, workers=2)
     assert out == raw.read_bytes()
     assert decoder.parallel_blocks == 7  # six full blocks and the tail
+
+
+class Collected:
+    """Where decoded bytes go; pickled empty, so that a pickle's size is the decoder's."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def add(self, piece: bytes) -> None:
+        self.data += piece
+
+    def __getstate__(self) -> dict[str, object]:
+        return {}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.data = bytearray()
+
+
+@pytest.mark.parametrize("cut", [0.3, 0.5, 0.9])
+def test_a_settled_decoder_is_saved_with_the_part_of_the_block_received(
+    raw: Path, cut: float
+) -> None:
+    blob = xz(raw, "-T2", "--block-size=1MiB")
+    at = int(len(blob) * cut)
+    first = Collected()
+    decoder = XzDecoder(first.add, workers=2)
+    for start in range(0, at, 100_000):
+        decoder.feed(memoryview(blob)[start : min(at, start + 100_000)])
+    decoder.settle()
+    handed_on = len(first.data)  # every block before the one being received
+    assert handed_on % MiB == 0
+    state = pickle.dumps(decoder)
+    block = decoder._block
+    held = block.received if block is not None else 0
+    assert held < len(state) < held + 4096  # not the whole block, nor the blocks before
+    decoder.feed(memoryview(blob)[at:])  # the first one may go on
+    decoder.finish()
+    decoder.close()
+    assert first.data == raw.read_bytes()
+
+    restored = pickle.loads(state)
+    second = restored.emit.__self__
+    restored.feed(memoryview(blob)[at:])
+    restored.finish()
+    restored.close()
+    assert first.data[:handed_on] + second.data == raw.read_bytes()
 
 
 def test_one_byte_at_a_time(raw: Path) -> None:
