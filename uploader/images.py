@@ -36,7 +36,7 @@ from uploader.errors import (
 from uploader.feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
 from uploader.resources import Kind, validate_manifest
 from uploader.sources import ImportPlan, SourceNotReady, SourcePlanner
-from uploader.storage import KeptOnStop, Storage, uses_pvc
+from uploader.storage import KeptOnStop, Storage, spill_files_of, uses_pvc
 from uploader.store import Object, Store, key_of
 from uploader.tokens import ImageKey, TokenIndex, new_token, redact
 
@@ -141,7 +141,7 @@ class ActiveTransfer:
     progress: Progress
     task: asyncio.Task[Any] | None
     feed: UploadFeed | None = None  # an upload's bytes, across the requests that carry them
-    saved_sink: bytes | None = None  # the sink state of the upload's last checkpoint
+    saved_spills: frozenset[str] = frozenset()  # the spill files of its last checkpoint
     resumable: bool = False  # it saves checkpoints (an upload into PVC storage)
     cancelled_by: ApiError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -260,7 +260,7 @@ class ImageController:
         self.store.drop_checkpoint(key)
         self.storage.remove_partial(obj)
         if saved is not None:
-            self.storage.drop_spill_files(saved.sink)
+            self.storage.drop_spill_files(spill_files_of(saved.sink))
 
     async def stop(self) -> None:
         """Cancels every transfer; their images stay as they are and resume on start."""
@@ -521,7 +521,7 @@ class ImageController:
             offset=saved.offset if saved is not None else 0,
         )
         transfer.feed = feed
-        transfer.saved_sink = saved.sink if saved is not None else None
+        transfer.saved_spills = spill_files_of(saved.sink) if saved is not None else frozenset()
         filename = saved.filename if saved is not None else part.filename
         start = feed.offset
         self._resumable.pop(transfer.key, None)
@@ -739,17 +739,16 @@ class ImageController:
             checkpoint.sink,
         )
         self.store.save_checkpoint(transfer.key, saved.record(), saved.sink)
-        previous, transfer.saved_sink = transfer.saved_sink, saved.sink
-        if previous is not None:
-            self.storage.drop_spill_files(previous, keep=saved.sink)
+        spills = spill_files_of(saved.sink)
+        previous, transfer.saved_spills = transfer.saved_spills, spills
+        self.storage.drop_spill_files(previous - spills)
         log.info("upload into %s: checkpoint at byte %d", "/".join(transfer.key), saved.offset)
 
     def _drop_checkpoint(self, transfer: ActiveTransfer) -> None:
         """Before the image is committed or when its transfer ends: nothing to continue."""
         self.store.drop_checkpoint(transfer.key)
-        if transfer.saved_sink is not None:
-            self.storage.drop_spill_files(transfer.saved_sink)
-            transfer.saved_sink = None
+        self.storage.drop_spill_files(transfer.saved_spills)
+        transfer.saved_spills = frozenset()
 
     def _pipeline_options(self, obj: Object, expected_length: int | None) -> PipelineOptions:
         source = obj["spec"]["dataSource"]

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from importer.errors import ProvisioningFailed, TransferError
@@ -61,11 +61,12 @@ def uses_pvc(obj: Object) -> bool:
     return obj.get("spec", {}).get("storage") == STORAGE_PVC
 
 
-def _spill_files_of(state: bytes) -> list[str]:
+def spill_files_of(state: bytes) -> frozenset[str]:
+    """The spill files a sink state needs."""
     try:
-        return spill_files(state)
+        return frozenset(spill_files(state))
     except ValueError:
-        return []  # a state that cannot be read names nothing worth keeping
+        return frozenset()  # a state that cannot be read names nothing worth keeping
 
 
 class KeptOnStop:
@@ -216,16 +217,15 @@ class Storage:
                 "from byte 0"
             ) from None
 
-    def drop_spill_files(self, state: bytes, keep: bytes | None = None) -> None:
-        """Deletes the spill files a sink state names (except those `keep` names too)."""
-        kept = set(_spill_files_of(keep)) if keep is not None else set()
-        for path in set(_spill_files_of(state)) - kept:
+    def drop_spill_files(self, paths: Iterable[str]) -> None:
+        """Deletes spill files (of a sink state no longer kept, see `spill_files_of`)."""
+        for path in paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
     def clean_spill_dir(self, keep: list[bytes]) -> None:
         """At start: spill files of transfers that are gone, except the checkpoints' own."""
-        kept = {os.path.abspath(path) for state in keep for path in _spill_files_of(state)}
+        kept = {os.path.abspath(path) for state in keep for path in spill_files_of(state)}
         for path in self.spill_dir.iterdir():
             if path.is_file() and os.path.abspath(path) not in kept:
                 with contextlib.suppress(OSError):

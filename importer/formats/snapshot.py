@@ -110,11 +110,12 @@ def snapshot_decoder(decoder: ImageDecoder, extra: dict[str, Any] | None = None)
         {"code": code_fingerprint(), "spill_files": files, "extra": extra or {}},
         separators=(",", ":"),
     ).encode()
-    state = bytearray(_HEAD.pack(MAGIC, VERSION, len(meta)))
-    state += meta
-    state += out.getbuffer()
-    state += hashlib.sha256(state).digest()
-    return bytes(state)
+    # Joined once: a state may hold a part of a compressed block, some MiB.
+    parts = [_HEAD.pack(MAGIC, VERSION, len(meta)), meta, out.getbuffer()]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return b"".join([*parts, digest.digest()])
 
 
 def restore_decoder(state: bytes, target: RawTarget, limits: Limits) -> ImageDecoder:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import lzma
 import os
+import pickle
 import struct
 import zlib
 from collections.abc import Callable
@@ -130,10 +131,12 @@ class _Block:
         return self.body_size - self.received
 
     def __getstate__(self) -> dict[str, object]:
-        """Of a block held to decode, only the part received so far is saved."""
+        """Of a block held to decode, only the part received so far is saved (without
+        a copy: it may be some MiB)."""
         state = self.__dict__.copy()
         if self.stream is not None:
-            state["stream"] = self.stream[: len(self.head) + self.received]
+            received = memoryview(self.stream)[: len(self.head) + self.received]
+            state["stream"] = pickle.PickleBuffer(received)
         return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
