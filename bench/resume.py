@@ -25,6 +25,7 @@ bench` it runs the server of this checkout, keeps everything in one directory on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -35,6 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -228,12 +230,25 @@ class ManyRun:
     peak_rss_mib: float  # VmHWM of a server started for this run
 
 
+@contextlib.contextmanager
+def crowd(
+    workdir: Path, name: str, count: int, storage: str, env: dict[str, str]
+) -> Iterator[tuple[OurServer, list[str], float]]:
+    """A freshly started server with `count` images waiting for an upload: the server,
+    their upload URLs, and its RSS (MiB) before any upload. Everything goes at the end."""
+    with OurServer(workdir / name, env=env) as server:
+        urls = [server.create_upload(f"{name}-{i}", storage) for i in range(count)]
+        yield server, urls, (server.rss_kib() or 0) / 1024
+        for i in range(count):
+            server.delete(f"{name}-{i}")
+    shutil.rmtree(workdir / name, ignore_errors=True)
+    settle()
+
+
 def many_at_once(
     workdir: Path, source: SourceFile, count: int, storage: str, env: dict[str, str]
 ) -> ManyRun:
-    with OurServer(workdir / "many", env=env) as server:
-        urls = [server.create_upload(f"many-{i}", storage) for i in range(count)]
-        idle = (server.peak_rss_kib() or 0) / 1024
+    with crowd(workdir, "many", count, storage, env) as (server, urls, idle):
         read_through(source.path)
         started = time.perf_counter()
         procs = [start_upload(source.path, url) for url in urls]
@@ -242,10 +257,6 @@ def many_at_once(
         for i, answer in enumerate(answers):
             check_ready(answer, source, f"many-{i}")
         peak = (server.peak_rss_kib() or 0) / 1024
-        for i in range(count):
-            server.delete(f"many-{i}")
-    shutil.rmtree(workdir / "many", ignore_errors=True)
-    settle()
     return ManyRun(
         count,
         seconds,
@@ -323,9 +334,7 @@ class WaitingRun:
 def waiting_to_continue(
     workdir: Path, source: SourceFile, count: int, storage: str, env: dict[str, str]
 ) -> WaitingRun:
-    with OurServer(workdir / "waiting", env=env) as server:
-        urls = [server.create_upload(f"waiting-{i}", storage) for i in range(count)]
-        idle = (server.rss_kib() or 0) / 1024
+    with crowd(workdir, "waiting", count, storage, env) as (server, urls, idle):
         read_through(source.path)
         procs = [start_upload(source.path, url) for url in urls]
         probes = [OffsetProbe(url) for url in urls]
@@ -348,10 +357,6 @@ def waiting_to_continue(
         peak = (server.peak_rss_kib() or 0) / 1024
         time.sleep(3.0)  # long enough for every transfer to notice it waits
         waiting = (server.rss_kib() or 0) / 1024
-        for i in range(count):
-            server.delete(f"waiting-{i}")
-    shutil.rmtree(workdir / "waiting", ignore_errors=True)
-    settle()
     return WaitingRun(count, idle, peak, waiting)
 
 

@@ -62,54 +62,44 @@ def test_raw_upload_continues_after_the_server_dies(
     assert sha256_file(srv.claim_dir("big") / "disk.img") == sha256
 
 
-def test_qcow2_upload_continues_after_a_kill(srv: Server, tmp_path: Path) -> None:
+def packed_in_xz_blocks(image: Path) -> Path:
+    """`image` compressed as `xz -T0` does: in blocks that give their sizes."""
+    packed = image.with_name(image.name + ".xz")
+    with open(packed, "wb") as out:
+        subprocess.run(
+            ["xz", "-T2", "-1", "--block-size=3MiB", "-c", str(image)], stdout=out, check=True
+        )
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("packing", "sig"),
+    [("none", signal.SIGKILL), ("xz", signal.SIGKILL), ("xz", signal.SIGTERM)],
+)
+def test_a_qcow2_upload_continues_after_the_server_dies(
+    srv: Server, tmp_path: Path, packing: str, sig: signal.Signals
+) -> None:
+    """A qcow2 as it is, or inside an xz stream of blocks: such a stream is saved at the
+    checkpoints like an uncompressed one, even in the middle of a block."""
     raw = tmp_path / "disk.raw"
     raw_sha256, _ = write_disk_image(raw, 64 * MiB, seed=102)
-    qcow2 = qemu_convert(raw, "qcow2", tmp_path / "disk.qcow2")
+    image = qemu_convert(raw, "qcow2", tmp_path / "disk.qcow2")
+    if packing == "xz":
+        image = packed_in_xz_blocks(image)
     srv.create(manifest("q"))
     url = srv.upload_url("q")
-    cut_by_the_server_dying(srv, qcow2, url, signal.SIGKILL, at=2 * EVERY + MiB)
+    cut_by_the_server_dying(srv, image, url, sig, at=2 * EVERY + MiB)
 
     srv.start()
     srv.wait_phase("q", ("WaitForUserUpload",))
     offset = head_offset(url)
     assert offset >= 2 * EVERY, offset
-    code, body = curl("-C", str(offset), "-T", str(qcow2), url)
+    code, body = curl("-C", str(offset), "-T", str(image), url)
     assert code == 200, body
-    assert body["checksum"]["sha256"] == sha256_file(qcow2)
+    assert body["checksum"]["sha256"] == sha256_file(image)
     assert body["format"] == "qcow2"
     assert sha256_file(srv.claim_dir("q") / "disk.img") == raw_sha256
     assert list((srv.data_dir / "spill").iterdir()) == []  # no spill file left behind
-
-
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_an_xz_stream_of_blocks_continues_after_the_server_dies(
-    srv: Server, tmp_path: Path, sig: signal.Signals
-) -> None:
-    """`xz -T0` writes blocks that give their sizes: such a stream is saved at the
-    checkpoints like an uncompressed one, even in the middle of a block."""
-    raw = tmp_path / "disk.raw"
-    raw_sha256, _ = write_disk_image(raw, 64 * MiB, seed=105)
-    qcow2 = qemu_convert(raw, "qcow2", tmp_path / "disk.qcow2")
-    packed = tmp_path / "disk.qcow2.xz"
-    with open(packed, "wb") as out:
-        subprocess.run(
-            ["xz", "-T2", "-1", "--block-size=3MiB", "-c", str(qcow2)], stdout=out, check=True
-        )
-    srv.create(manifest("xz"))
-    url = srv.upload_url("xz")
-    cut_by_the_server_dying(srv, packed, url, sig, at=2 * EVERY + MiB)
-
-    srv.start()
-    srv.wait_phase("xz", ("WaitForUserUpload",))
-    offset = head_offset(url)
-    assert offset >= 2 * EVERY, offset
-    code, body = curl("-C", str(offset), "-T", str(packed), url)
-    assert code == 200, body
-    assert body["checksum"]["sha256"] == sha256_file(packed)
-    assert body["format"] == "qcow2"
-    assert sha256_file(srv.claim_dir("xz") / "disk.img") == raw_sha256
-    assert list((srv.data_dir / "spill").iterdir()) == []
 
 
 def test_a_compressed_stream_starts_over_after_a_kill(srv: Server, tmp_path: Path) -> None:
