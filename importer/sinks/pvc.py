@@ -302,13 +302,11 @@ class BlockClaimTarget(_ClaimDescriptors):
     def write(self, offset: int, data: Buffer) -> None:
         end = offset + len(data)
         _check_capacity(end, self.capacity, f"the block claim {self.path}")
-        pos = offset
+        # Zeroing starts where the furthest write so far ended: nothing was written in a
+        # gap before this write, and the old contents are still there. So every byte up to
+        # `end` is written or zeroed (a later write into the gap overwrites zeros).
+        pos = min(offset, self.end)
         try:
-            if offset > self.end:
-                # Nothing was written between the furthest write and this one, and the old
-                # contents are still there: zero them now, so that every byte up to `end`
-                # is either written or zeroed (a later write into the gap overwrites zeros).
-                self._zero(self.end, offset - self.end)
             for run_offset, run in data_runs(offset, data):
                 if run_offset > pos:
                     self._zero(pos, run_offset - pos)
