@@ -214,7 +214,7 @@ class Pipeline:
             self._allocated -= 1
         self._allocated -= len(self._free)
         self._free.clear()
-        if self._in_flight and self._idle is not None:
+        if self._in_flight:
             loop = asyncio.get_running_loop()
             self._idle = loop.call_later(self.options.idle_after, self._let_go_of_spare_buffers)
 
