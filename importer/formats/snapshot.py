@@ -88,13 +88,12 @@ class _NotSnapshottable(Exception):
 def snapshot_decoder(decoder: ImageDecoder, extra: dict[str, Any] | None = None) -> bytes | None:
     """The decoder's state, to go on in another process from the same input offset; None
     when an unwrap stage holds a decompressor (zlib, lzma, bz2, zstd), which cannot be
-    serialized. Call it between two `feed` calls, never during one. It settles the decoder
-    first; settle it yourself before reading anything of the target for `extra`, since
-    settling may still write to the target. Its spill files are fdatasynced (and their
-    directory entries fsynced) before it returns; the target is not: the caller syncs the
-    target's data before storing the state. `extra` (JSON-able) is stored along, for
+    serialized. Call it between two `feed` calls, never during one, on a settled decoder
+    (`ImageDecoder.settle`, which may still write to the target: before anything of the
+    target is read for `extra`). Its spill files are fdatasynced (and their directory
+    entries fsynced) before it returns; the target is not: the caller syncs the target's
+    data before storing the state. `extra` (JSON-able) is stored along, for
     `state_metadata`."""
-    decoder.settle()
     out = io.BytesIO()
     pickler = _Pickler(out, decoder.target)
     try:

@@ -42,7 +42,7 @@ class DecodeLane:
 
     def snapshot(self, extra: dict[str, Any] | None = None) -> bytes | None:
         """The decoder's state and the offset it stands at (see importer.formats.snapshot);
-        None when it cannot be saved. Only while no `update` runs."""
+        None when it cannot be saved. Only while no `update` runs, after `settle()`."""
         if not isinstance(self.decoder, ImageDecoder) or self.info is not None:
             return None
         return snapshot_decoder(self.decoder, {**(extra or {}), "offset": self.offset})
