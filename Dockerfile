@@ -1,4 +1,6 @@
 # The server, slim and non-root. Data (state, PVC claims, the embedded DVCR) lives in /data.
+# It listens beyond loopback, so its API needs a bearer token: the admin token it writes to
+# /data/admin.token on first start, or the tokens of a file given with --api-token-file.
 FROM python:3.11-slim
 
 RUN useradd --system --uid 10001 --home-dir /data --create-home dvcr

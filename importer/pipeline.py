@@ -2,14 +2,16 @@
 
 The source fills large blocks from a small pool of reused buffers (a socket's bytes go
 straight into them, see importer.sources.transportbody). Every
-block goes to each *lane* (a consumer with a thread of its own: one per hash, one for the
-sink's decoding and writing), in order. Lanes run in parallel with each other and with the
+block goes to each *lane* (a consumer: one per hash, one for the sink's decoding and
+writing), in order, on threads shared by all transfers (importer.lanethreads). Lanes run
+in parallel with each other and with the
 receiving; the hashes (libcrypto through ctypes), zlib and os.pwrite release the GIL on
 large buffers, so both cores work.
 When every buffer is in flight, the pipeline waits for the oldest block to be done before
 reading more from the source: that is the backpressure that reaches the socket. Memory per
 transfer is bounded by `block_size * depth`, whatever the size of the image, and a transfer
-whose source keeps it waiting (a broken upload waiting to be continued) holds one block.
+whose source keeps it waiting (a broken upload waiting to be continued) holds one block
+and no thread.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Protocol
 
 from importer.checksums import ChecksumLane, verify_checksums
 from importer.directio import aligned_buffer
-from importer.errors import ImageTooLarge, Suspended, TransferError
+from importer.errors import ImageTooLarge, InvalidImage, Suspended, TransferError
 from importer.formats.base import ImageInfo
 from importer.lanethreads import Batch, LaneThreads
 from importer.progress import Progress
@@ -41,8 +43,8 @@ IDLE_AFTER = 1.0
 
 
 class Lane(Protocol):
-    """A consumer of the received stream. `update` and `finish` run in the lane's own
-    thread, in order; a lane that raised is not called again."""
+    """A consumer of the received stream. `update` and `finish` run on a lane thread, one
+    call at a time, in order; a lane that raised is not called again."""
 
     name: str
 
@@ -131,11 +133,15 @@ class Pipeline:
         """Stream the source through every lane into the sink; returns once committed."""
         try:
             received = await self._pump(as_reader(source))
+            self._check_complete(received)
             await self._drain()
             await self._lanes.finish().wait()
             checksums = {lane.algorithm: lane.hexdigest() for lane in self.checksums}
             verify_checksums(checksums, self.options.expected_checksums)
-            result = TransferResult(received, checksums, self.sink.image_info())
+            info = self.sink.image_info()
+            if info.virtual_size == 0:
+                raise InvalidImage(f"the {info.format} image holds an empty disk (0 bytes)")
+            result = TransferResult(received, checksums, info)
             await self.sink.commit(result)
             return result
         except BaseException:
@@ -147,6 +153,16 @@ class Pipeline:
             # The buffers go now, even if an exception's traceback keeps this object alive.
             self._free.clear()
             self._in_flight.clear()
+
+    def _check_complete(self, received: int) -> None:
+        """No disk is empty, and none is shorter than its sender announced."""
+        if received == 0:
+            raise InvalidImage("the image is empty: no bytes arrived")
+        expected = self.options.expected_length
+        if expected is not None and received < expected:
+            raise InvalidImage(
+                f"the image ended after {received} of the {expected} bytes announced"
+            )
 
     def _checkpoint_after(self, offset: int) -> int | None:
         every = self.options.checkpoint_every

@@ -36,12 +36,23 @@ def manifest(name: str, storage: str = "PersistentVolumeClaim", **upload: Any) -
 
 
 class Server:
-    def __init__(self, data_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        host: str = "127.0.0.1",
+        token: str | None = None,
+    ) -> None:
+        """`host`: the address to listen on (the tests reach it on 127.0.0.1); `token`: the
+        bearer token its API calls send."""
         self.data_dir = data_dir
         self.args = args
         self.env = {**os.environ, **(env or {})}
         self.port = free_port()
+        self.host = host
         self.url = f"http://127.0.0.1:{self.port}"
+        self.token = token
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
@@ -55,7 +66,7 @@ class Server:
                 "uploader.cli",
                 "serve",
                 "--listen",
-                f"127.0.0.1:{self.port}",
+                f"{self.host}:{self.port}",
                 "--data-dir",
                 str(self.data_dir),
                 *self.args,
@@ -101,6 +112,8 @@ class Server:
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        if self.token is not None:
+            request.add_header("Authorization", f"Bearer {self.token}")
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 raw = response.read()

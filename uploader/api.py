@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import yaml
 from aiohttp import web
 
-from uploader.errors import BadRequest
-from uploader.images import ImageController
+from uploader.access import Verb
+from uploader.api_access import require
+from uploader.errors import ApiError, BadRequest, NotFound
+from uploader.images import ImageController, image_key
+from uploader.manifests import parse_manifest
+from uploader.quoting import cut
 from uploader.resources import (
     API_VERSION,
     CLUSTER_VIRTUAL_IMAGE,
@@ -17,6 +20,8 @@ from uploader.resources import (
     VERSION,
     VIRTUAL_IMAGE,
     Kind,
+    validate_name,
+    validate_namespace,
 )
 
 PREFIX = f"/apis/{GROUP}/{VERSION}"
@@ -30,11 +35,19 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 async def _read_manifest(request: web.Request) -> Any:
-    text = await request.text()
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BadRequest(f"the body is neither JSON nor YAML: {exc}") from None
+    return await parse_manifest(await request.read(), request.content_type)
+
+
+def _require_source_access(request: web.Request, kind: Kind, doc: Any) -> None:
+    """A ClusterVirtualImage made from a namespaced image or disk copies it out of its
+    namespace: its maker must be able to read that namespace."""
+    if kind is not CLUSTER_VIRTUAL_IMAGE:
+        return
+    source = doc.get("spec", {}).get("dataSource", {}) if isinstance(doc, dict) else {}
+    ref = source.get("objectRef") if isinstance(source, dict) else None
+    namespace = ref.get("namespace") if isinstance(ref, dict) else None
+    if isinstance(namespace, str):
+        require(request, Verb.READ, namespace, f"the source {ref.get('kind')} {ref.get('name')}")
 
 
 def _truthy(value: str | None) -> bool:
@@ -57,7 +70,21 @@ class ResourceHandlers:
 
     def _where(self, request: web.Request) -> tuple[ImageController, str | None]:
         namespace = request.match_info.get("namespace") if self.kind.namespaced else None
+        if namespace is not None:
+            validate_namespace(namespace)
         return request.app[CONTROLLER], namespace
+
+    def _name(self, request: web.Request) -> str:
+        """The name in the path. One that no new image may have is not found, unless an
+        image made before today's limits has it (so it can still be read and deleted)."""
+        name = request.match_info["name"]
+        try:
+            return validate_name(name)
+        except ApiError:
+            controller, namespace = self._where(request)
+            if controller.store.get(image_key(self.kind, namespace, name)) is None:
+                raise NotFound(f'{self.kind.display} "{cut(name)}" not found') from None
+            return name
 
     async def collection(self, request: web.Request) -> web.StreamResponse:
         controller, namespace = self._where(request)
@@ -76,25 +103,28 @@ class ResourceHandlers:
 
     async def create(self, request: web.Request) -> web.Response:
         controller, namespace = self._where(request)
-        obj = await controller.create(self.kind, namespace, await _read_manifest(request))
+        doc = await _read_manifest(request)
+        _require_source_access(request, self.kind, doc)
+        obj = await controller.create(self.kind, namespace, doc)
         return _json(obj, status=201)
 
     async def item(self, request: web.Request) -> web.StreamResponse:
         controller, namespace = self._where(request)
-        name = request.match_info["name"]
+        name = self._name(request)
         if _truthy(request.query.get("watch")):
             return await self._watch(request, namespace, name)
         return _json(controller.get(self.kind, namespace, name))
 
     async def replace(self, request: web.Request) -> web.Response:
         controller, namespace = self._where(request)
-        name = request.match_info["name"]
+        name = self._name(request)
         doc = await _read_manifest(request)
+        _require_source_access(request, self.kind, doc)
         return _json(await controller.replace(self.kind, namespace, name, doc))
 
     async def delete(self, request: web.Request) -> web.Response:
         controller, namespace = self._where(request)
-        return _json(await controller.delete(self.kind, namespace, request.match_info["name"]))
+        return _json(await controller.delete(self.kind, namespace, self._name(request)))
 
     async def _watch(
         self, request: web.Request, namespace: str | None, name: str | None

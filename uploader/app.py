@@ -1,41 +1,71 @@
-"""The server: one aiohttp application for the control API, upload URLs, health and metrics."""
+"""The server: the control API, upload URLs, health and metrics, on one listener or on
+two (`--api-listen`: the API and `/metrics` on their own, so an ingress that publishes the
+upload listener publishes nothing else)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import re
 import signal
+import socket
 import ssl
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_request import BaseRequest
 
+from importer import lanethreads
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
 from uploader import api, upload
+from uploader.access import AccessConfigError, AccessControl
+from uploader.api_access import ACCESS, access_middleware
 from uploader.config import ServerConfig, split_host_port
 from uploader.errors import error_middleware
+from uploader.headdeadline import HeadDeadlineSite, head_received_middleware
 from uploader.images import ImageController
+from uploader.manifests import MAX_MANIFEST_SIZE
+from uploader.quoting import cut
 from uploader.store import Store
 from uploader.tokens import redact_path
 
 log = logging.getLogger("dvcr-uploader")
 METRICS = web.AppKey("metrics", Metrics)
-# Bodies of control requests are small manifests; upload bodies are streamed, never read whole.
-MAX_MANIFEST_SIZE = 4 << 20
 SHUTDOWN_GRACE = 3.0  # seconds
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_for_log(text: str) -> str:
+    """Control characters as \\xNN, so a request cannot write lines of its own in the log."""
+    return _CONTROL_CHARACTERS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+class ProtocolErrorsInOneLine(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback: a hostile client would
+    write a dozen log lines per request. One line, escaped and cut, says what was wrong."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            what = escape_for_log(cut(" ".join(str(error.message).split())))
+            record.msg, record.args = "%s: %s", (record.getMessage(), what)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request, with upload tokens cut short."""
+    """One line per request, with upload tokens cut short and control characters escaped."""
 
     def log(self, request: BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
             '%s "%s %s" %d %.3fs',
             request.remote,
-            request.method,
-            redact_path(request.path),
+            escape_for_log(request.method),
+            escape_for_log(redact_path(request.path)),
             response.status,
             time,
         )
@@ -50,33 +80,69 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def build_app(config: ServerConfig) -> web.Application:
-    """The application; its controller starts when the app starts (see `run_server`)."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_MANIFEST_SIZE)
+class StartError(Exception):
+    """The server cannot start as configured; the message says what to change."""
+
+
+@dataclass
+class ServerApps:
+    """The applications of one server; `api` is None when the uploads' one serves it all."""
+
+    uploads: web.Application
+    api: web.Application | None
+    controller: ImageController
+    store: Store
+    access: AccessControl
+    metrics: Metrics
+    runners: list[web.AppRunner] = field(default_factory=list)
+
+
+def _new_app(access: AccessControl | None, metrics: Metrics) -> web.Application:
+    """`access`: this application serves the API, guarded by it."""
+    app = web.Application(
+        middlewares=[head_received_middleware, error_middleware, access_middleware],
+        client_max_size=MAX_MANIFEST_SIZE,
+    )
+    if access is not None:
+        app[ACCESS] = access
+    app[METRICS] = metrics
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+def build_apps(config: ServerConfig, access: AccessControl) -> ServerApps:
+    """The applications; the controller starts in `run_server`, before they listen."""
     metrics = Metrics()
     store = Store(config.db_path)
-    app[METRICS] = metrics
-    app[api.CONTROLLER] = ImageController(config, store, metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_handler)
-    api.add_routes(app)
-    upload.add_routes(app)
+    controller = ImageController(config, store, metrics)
+    api_app = _new_app(access, metrics) if config.api_listen else None
+    uploads = _new_app(None if api_app else access, metrics)
+    for app in (uploads, api_app):
+        if app is not None:
+            app[api.CONTROLLER] = controller
+    serving_api = api_app or uploads
+    serving_api.router.add_get("/metrics", metrics_handler)
+    api.add_routes(serving_api)
+    upload.add_routes(uploads)
 
     async def stop_transfers(app: web.Application) -> None:
         # Before aiohttp waits for open requests: watches and uploads end now, not later.
         store.end_watches()
-        await app[api.CONTROLLER].stop()
+        await controller.stop()
 
     async def close(app: web.Application) -> None:
         store.close()
 
-    app.on_shutdown.append(stop_transfers)
-    app.on_cleanup.append(close)
-    return app
+    uploads.on_shutdown.append(stop_transfers)
+    uploads.on_cleanup.append(close)
+    return ServerApps(uploads, api_app, controller, store, access, metrics)
 
 
-def metrics_app(metrics: Metrics) -> web.Application:
-    app = web.Application()
+def metrics_app(metrics: Metrics, access: AccessControl) -> web.Application:
+    app = web.Application(
+        middlewares=[head_received_middleware, error_middleware, access_middleware]
+    )
+    app[ACCESS] = access
     app[METRICS] = metrics
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/healthz", healthz)
@@ -91,37 +157,93 @@ def _ssl_context(config: ServerConfig) -> ssl.SSLContext | None:
     return context
 
 
-async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
-    """Serves until SIGINT/SIGTERM."""
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    app = build_app(config)
-    runner = web.AppRunner(app, access_log_class=AccessLogger, handler_cancellation=False)
+def bind(address: str) -> socket.socket:
+    """A socket bound to HOST:PORT but not yet listening: connections are refused until
+    the server is ready for them."""
+    host, port = split_host_port(address)
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = info[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(sockaddr)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+async def _serve(
+    app: web.Application,
+    sock: socket.socket,
+    config: ServerConfig,
+    tls: ssl.SSLContext | None,
+    access_log: bool = True,
+) -> web.AppRunner:
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=log if access_log else None,
+        handler_cancellation=False,
+        keepalive_timeout=config.header_timeout,
+    )
     await runner.setup()
-    host, port = split_host_port(config.listen)
-    site = web.TCPSite(
+    site = HeadDeadlineSite(
         runner,
-        host,
-        port,
-        ssl_context=_ssl_context(config),
-        reuse_address=True,
+        sock,
+        header_timeout=config.header_timeout,
+        ssl_context=tls,
         backlog=512,
         # Transfers are stopped before this wait; what is left is a request body still
         # being drained after its answer, which must not hold a stop for long.
         shutdown_timeout=SHUTDOWN_GRACE,
     )
     await site.start()
-    bound_port = runner.addresses[0][1]
-    await app[api.CONTROLLER].start(config.own_base_url(bound_port))
-    runners = [runner]
-    if config.metrics_listen:
-        metrics_runner = web.AppRunner(metrics_app(app[METRICS]), access_log=None)
-        await metrics_runner.setup()
-        m_host, m_port = split_host_port(config.metrics_listen)
-        await web.TCPSite(metrics_runner, m_host, m_port).start()
-        runners.append(metrics_runner)
+    return runner
+
+
+async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -> None:
+    """Serves until SIGINT/SIGTERM; SIGHUP reads the token file again."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        access = AccessControl.for_server(
+            config.api_token_file, config.data_dir, config.loopback_only
+        )
+    except AccessConfigError as exc:
+        raise StartError(str(exc)) from None
+    sockets: dict[str, socket.socket] = {}
+    for name, address in (
+        ("listen", config.listen),
+        ("api", config.api_listen),
+        ("metrics", config.metrics_listen),
+    ):
+        if address:
+            try:
+                sockets[name] = bind(address)
+            except OSError as exc:
+                raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
+    lanethreads.configure(config.lane_threads)
+    logging.getLogger("aiohttp.server").addFilter(ProtocolErrorsInOneLine())
+    apps = build_apps(config, access)
+    bound_port = sockets["listen"].getsockname()[1]
+    # Every image is back in a steady state before the first request is taken.
+    await apps.controller.start(config.own_base_url(bound_port))
+    tls = _ssl_context(config)
+    runners = [await _serve(apps.uploads, sockets["listen"], config, tls)]
+    if apps.api is not None:
+        runners.append(await _serve(apps.api, sockets["api"], config, tls))
+    if "metrics" in sockets:
+        metrics = metrics_app(apps.metrics, access)
+        runners.append(await _serve(metrics, sockets["metrics"], config, None, access_log=False))
+    api_port = sockets["api"].getsockname()[1] if "api" in sockets else bound_port
     log.info(
-        "serving on %s (data in %s, DVCR %s)",
+        "serving uploads on %s, the API on %s (%s; data in %s, DVCR %s)",
         config.own_base_url(bound_port),
+        config.own_base_url(api_port, config.api_listen),
+        "open to this machine" if access.open else "bearer tokens needed",
         config.data_dir.resolve(),
         config.dvcr or f"OCI layout {config.data_dir / 'dvcr'}",
     )
@@ -131,6 +253,8 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    with contextlib.suppress(NotImplementedError):
+        loop.add_signal_handler(signal.SIGHUP, access.reload)
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -4,62 +4,78 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import importlib.metadata
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from uploader import printers
+from uploader.applyinput import ManifestError, load_documents
+from uploader.argtypes import (
+    cidr,
+    existing_file,
+    host_port,
+    parse_duration,
+    parse_size,
+    positive_int,
+)
 from uploader.client import ApiClient, ClientError
 from uploader.config import DEFAULT_LISTEN, ServerConfig
+from uploader.credentials import Credentials, CredentialsError, resolve_credentials
 from uploader.resources import KINDS, Kind, kind_for_word
 
+__all__ = ["build_parser", "main", "parse_duration", "parse_size"]
+
 DEFAULT_SERVER = "http://127.0.0.1:8444"
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str) -> int:
-    """`1073741824`, `512Mi`, `10Gi`, `1T`."""
-    value = text.strip().removesuffix("i").removesuffix("B")
-    suffix = value[-1:].upper() if value[-1:].isalpha() else ""
-    number = value[: len(value) - len(suffix)]
-    if suffix not in _SIZE_SUFFIXES or not number.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 512Mi or 2Ti")
-    return int(number) * _SIZE_SUFFIXES[suffix]
-
-
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """`90`, `90s`, `15m`, `24h`, `7d`; `0` means never."""
-    value = text.strip().lower()
-    unit = value[-1:] if value[-1:] in _DURATION_UNITS else "s"
-    number = value.removesuffix(unit) if value[-1:] in _DURATION_UNITS else value
+def _version() -> str:
     try:
-        return float(number) * _DURATION_UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a duration like 90s, 15m or 24h"
-        ) from None
+        return importlib.metadata.version("dvcr-uploader")
+    except importlib.metadata.PackageNotFoundError:
+        import uploader
+
+        return str(getattr(uploader, "__version__", "unknown"))
 
 
 def _client_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    default = argparse.SUPPRESS if suppress else None
+    """The flags of every command that talks to the API; given before the command or
+    after it (`suppress`: the command's copy sets nothing unless given)."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
     parser.add_argument(
         "--server",
-        default=default if suppress else os.environ.get("DVCR_SERVER", DEFAULT_SERVER),
+        default=default(os.environ.get("DVCR_SERVER", DEFAULT_SERVER)),
         help=f"server URL (default {DEFAULT_SERVER}, env DVCR_SERVER)",
     )
     parser.add_argument(
         "-n",
         "--namespace",
-        default=default if suppress else "default",
+        default=default("default"),
         help="namespace (default: default)",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        help="bearer token for the API; else env DVCR_TOKEN, else the file env "
+        "DVCR_TOKEN_FILE names (the server's own: DATA_DIR/admin.token)",
+    )
+    parser.add_argument(
+        "--certificate-authority",
+        type=existing_file,
+        default=default(None),
+        metavar="FILE",
+        help="PEM file of the CA that signed the server's certificate",
+    )
+    parser.add_argument(
+        "--insecure-skip-tls-verify",
+        action="store_true",
+        default=default(False),
+        help="do not check the server's certificate (the connection can be intercepted)",
     )
 
 
@@ -68,25 +84,105 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dvcr-uploader",
         description="Virtual machine images into DVCR or volumes: the server and its client.",
     )
+    parser.add_argument(
+        "--version", action="version", version=f"dvcr-uploader {_version()}", help="show version"
+    )
     _client_flags(parser, suppress=False)
     common = argparse.ArgumentParser(add_help=False)
     _client_flags(common, suppress=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the server", parents=[common])
-    serve.add_argument("--listen", default=DEFAULT_LISTEN, help="HOST:PORT to listen on")
-    serve.add_argument("--data-dir", type=Path, default=Path("./dvcr-data"))
+    serve = commands.add_parser("serve", help="run the server")
+    _serve_flags(serve)
+    _client_commands(commands, common)
+    return parser
+
+
+def _serve_flags(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument(
+        "--listen",
+        type=host_port,
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"HOST:PORT for upload URLs and /healthz, and for the API too unless --api-listen "
+        f"is given (default {DEFAULT_LISTEN})",
+    )
+    serve.add_argument(
+        "--api-listen",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="a listener of its own for the API, /metrics and the web page",
+    )
+    serve.add_argument(
+        "--api-token-file",
+        type=existing_file,
+        metavar="FILE",
+        help="YAML tokens of the API's users (tokens: [{user, token, role, namespaces}]); "
+        "re-read on SIGHUP",
+    )
+    serve.add_argument(
+        "--import-allow",
+        type=cidr,
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="an address range imports may reach beyond the default (repeatable)",
+    )
+    serve.add_argument(
+        "--header-timeout",
+        type=parse_duration,
+        default=ServerConfig.header_timeout,
+        metavar="DURATION",
+        help="close a connection that has not sent a whole request head within this (default 30s)",
+    )
+    serve.add_argument(
+        "--max-images-per-namespace",
+        type=positive_int,
+        default=ServerConfig.max_images_per_namespace,
+        metavar="N",
+        help=f"the most images one namespace may hold "
+        f"(default {ServerConfig.max_images_per_namespace})",
+    )
+    serve.add_argument(
+        "--max-images",
+        type=positive_int,
+        default=ServerConfig.max_images,
+        metavar="N",
+        help=f"the most images the server holds (default {ServerConfig.max_images})",
+    )
+    serve.add_argument(
+        "--lane-threads",
+        type=positive_int,
+        default=ServerConfig.lane_threads,
+        metavar="N",
+        help=f"threads that hash and write for all transfers (default {ServerConfig.lane_threads})",
+    )
+    serve.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("./dvcr-data"),
+        help="state, claims and the embedded DVCR (default ./dvcr-data)",
+    )
     serve.add_argument("--dvcr", help="registry URL for DVCR (default: OCI layout in data dir)")
-    serve.add_argument("--dvcr-auth-config", type=Path, help="dockerconfigjson for the DVCR")
-    serve.add_argument("--dvcr-ca-bundle", type=Path, help="PEM CA bundle for the DVCR's TLS")
+    serve.add_argument(
+        "--dvcr-auth-config", type=existing_file, help="dockerconfigjson for the DVCR"
+    )
+    serve.add_argument(
+        "--dvcr-ca-bundle", type=existing_file, help="PEM CA bundle for the DVCR's TLS"
+    )
     serve.add_argument(
         "--dvcr-insecure", action="store_true", help="do not verify the DVCR's TLS certificate"
     )
     serve.add_argument("--external-url", help="base of the external upload URLs")
     serve.add_argument("--in-cluster-url", help="base of the in-cluster upload URLs")
-    serve.add_argument("--metrics-listen", help="HOST:PORT for a separate /metrics listener")
-    serve.add_argument("--tls-cert", type=Path, help="PEM certificate for HTTPS")
-    serve.add_argument("--tls-key", type=Path, help="PEM key for HTTPS")
+    serve.add_argument(
+        "--metrics-listen",
+        type=host_port,
+        metavar="HOST:PORT",
+        help="a listener of its own for /metrics",
+    )
+    serve.add_argument("--tls-cert", type=existing_file, help="PEM certificate for HTTPS")
+    serve.add_argument("--tls-key", type=existing_file, help="PEM key for HTTPS")
     serve.add_argument(
         "--max-image-size",
         type=parse_size,
@@ -121,30 +217,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="PVC uploads save where they stand this often, to continue after a restart "
         "(default 256Mi; 0: never)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="how much the server logs (default INFO)",
+    )
 
+
+def _client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     apply = commands.add_parser("apply", help="create or update images", parents=[common])
     apply.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
 
     get = commands.add_parser("get", help="list images or show one", parents=[common])
     get.add_argument("resource", help="vi | cvi")
-    get.add_argument("name", nargs="?")
+    get.add_argument("name", nargs="?", help="one image (default: all in the namespace)")
     get.add_argument("-w", "--watch", action="store_true", help="stream rows as they change")
     get.add_argument("-o", "--output", help="wide | json | yaml | name | jsonpath=TEMPLATE")
 
     describe = commands.add_parser("describe", help="show an image in detail", parents=[common])
-    describe.add_argument("resource")
-    describe.add_argument("name")
+    describe.add_argument("resource", help="vi | cvi")
+    describe.add_argument("name", help="the image")
 
     delete = commands.add_parser("delete", help="delete an image", parents=[common])
-    delete.add_argument("resource")
-    delete.add_argument("name")
+    delete.add_argument("resource", help="vi | cvi")
+    delete.add_argument("name", help="the image")
 
-    upload = commands.add_parser("upload", help="upload a file to an upload URL", parents=[common])
+    upload = commands.add_parser(
+        "upload",
+        help="upload a file to an image and check the image's sha256 against it",
+        parents=[common],
+        epilog="exit codes: 0 the image holds the file (uploaded now or before); 1 refused, "
+        "failed, or the image holds another file; 3 the connection failed (run it again to "
+        "continue)",
+    )
     upload.add_argument("file", help="image file, or - for stdin")
-    upload.add_argument("url", help="the image's upload URL")
+    upload.add_argument(
+        "url", metavar="URL|vi/NAME", help="the image's upload URL, or the image by name"
+    )
     upload.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    upload.add_argument("-k", "--insecure", action="store_true", help="do not verify TLS")
+    upload.add_argument(
+        "-k",
+        "--insecure",
+        dest="insecure_skip_tls_verify",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="the same as --insecure-skip-tls-verify",
+    )
     upload.add_argument(
         "--retries",
         type=int,
@@ -160,7 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="the first pause before trying again, doubled each time up to 30s (default 1)",
     )
-    return parser
 
 
 def _kind(word: str) -> Kind:
@@ -174,13 +293,20 @@ def _kind(word: str) -> Kind:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from uploader.app import run_server
+    from uploader.app import StartError, run_server
 
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = ServerConfig(
         listen=args.listen,
+        api_listen=args.api_listen,
+        api_token_file=args.api_token_file,
+        import_allow=tuple(args.import_allow),
+        header_timeout=args.header_timeout,
+        max_images_per_namespace=args.max_images_per_namespace,
+        max_images=args.max_images,
+        lane_threads=args.lane_threads,
         data_dir=args.data_dir,
         dvcr=args.dvcr,
         dvcr_auth_config=args.dvcr_auth_config,
@@ -204,38 +330,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(run_server(config))
+    try:
+        asyncio.run(run_server(config))
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
-def _load_documents(filename: str) -> list[dict[str, Any]]:
-    text = sys.stdin.read() if filename == "-" else Path(filename).read_text()
-    docs: list[dict[str, Any]] = []
-    for doc in yaml.safe_load_all(text):
-        if doc is None:
-            continue
-        if not isinstance(doc, dict):
-            raise ClientError(f"{filename}: a document is not a mapping")
-        if doc.get("kind") == "List":
-            docs.extend(doc.get("items") or [])
-        else:
-            docs.append(doc)
-    return docs
+def _credentials(args: argparse.Namespace) -> Credentials:
+    return resolve_credentials(
+        args.token, args.certificate_authority, args.insecure_skip_tls_verify
+    )
+
+
+def _client(args: argparse.Namespace) -> ApiClient:
+    return ApiClient(args.server, _credentials(args))
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    client = ApiClient(args.server)
+    docs = load_documents(args.filename)
+    client = _client(args)
     failed = False
-    for doc in _load_documents(args.filename):
-        kind = KINDS.get(doc.get("kind", ""))
+    for doc in docs:
+        kind_name = doc.get("kind")
+        kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
         if kind is None:
-            print(f'error: unknown kind "{doc.get("kind")}"', file=sys.stderr)
+            print(
+                f'error: no matches for kind "{kind_name}" in version '
+                f'"{doc.get("apiVersion")}"; this server has {", ".join(KINDS)}',
+                file=sys.stderr,
+            )
             failed = True
             continue
-        metadata = doc.get("metadata") or {}
-        name = metadata.get("name", "")
+        metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        name = metadata.get("name")
         namespace = metadata.get("namespace") or args.namespace
+        if not isinstance(namespace, str):
+            print(f"error: metadata.namespace of {name} is not a string", file=sys.stderr)
+            failed = True
+            continue
         try:
+            if not isinstance(name, str) or not name:
+                created = client.create(kind, namespace, doc)  # the server says what is wrong
+                print(f"{kind.display}/{created['metadata']['name']} created")
+                continue
             try:
                 current = client.get(kind, namespace, name)
             except ClientError as exc:
@@ -299,7 +438,7 @@ def _print_objects(objects: list[dict[str, Any]], output: str | None, listing: b
 
 def cmd_get(args: argparse.Namespace) -> int:
     kind = _kind(args.resource)
-    client = ApiClient(args.server)
+    client = _client(args)
     if (
         args.output
         and args.output not in ("wide", "json", "yaml", "name")
@@ -356,38 +495,21 @@ def _watch(client: ApiClient, kind: Kind, args: argparse.Namespace) -> int:
 
 def cmd_describe(args: argparse.Namespace) -> int:
     kind = _kind(args.resource)
-    print(printers.describe(ApiClient(args.server).get(kind, args.namespace, args.name)))
+    print(printers.describe(_client(args).get(kind, args.namespace, args.name)))
     return 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     kind = _kind(args.resource)
-    ApiClient(args.server).delete(kind, args.namespace, args.name)
+    _client(args).delete(kind, args.namespace, args.name)
     print(f'{kind.display} "{args.name}" deleted')
     return 0
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from uploader.upload_client import UploadFailed, upload
+    from uploader import upload_command
 
-    try:
-        answer = asyncio.run(
-            upload(
-                args.file,
-                args.url,
-                quiet=args.quiet,
-                insecure=args.insecure,
-                retries=args.retries,
-                retry_wait=args.retry_wait,
-            )
-        )
-    except UploadFailed as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    print(json.dumps(answer))
-    return 0
+    return upload_command.run(args, _credentials(args))
 
 
 COMMANDS = {
@@ -401,7 +523,7 @@ COMMANDS = {
 
 
 def _print_error(exc: ClientError) -> None:
-    if exc.code:
+    if exc.code and exc.code != 401:  # kubectl says a 401 as an error of its own
         print(f"Error from server ({exc.reason or exc.code}): {exc.message}", file=sys.stderr)
     else:
         print(f"error: {exc.message}", file=sys.stderr)
@@ -414,8 +536,13 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         _print_error(exc)
         return 1
+    except (CredentialsError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

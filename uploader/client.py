@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
 import json
+import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from uploader.credentials import HOW_TO_GIVE_A_TOKEN, Credentials
 from uploader.resources import GROUP, VERSION, Kind
 
 Object = dict[str, Any]
@@ -24,31 +28,47 @@ class ClientError(Exception):
 
 
 class ApiClient:
-    def __init__(self, server: str, timeout: float = 60) -> None:
+    """Sends the bearer token, when there is one, with every request: it talks to the
+    API only, never to upload URLs."""
+
+    def __init__(
+        self, server: str, credentials: Credentials | None = None, timeout: float = 60
+    ) -> None:
+        if not server.startswith(("http://", "https://")):
+            raise ClientError(f"the server URL {server!r} is not an http:// or https:// URL")
         self.server = server.rstrip("/")
+        self.credentials = credentials or Credentials()
         self.timeout = timeout
+        self._ssl = self.credentials.ssl_context() if server.startswith("https://") else None
 
     def path(self, kind: Kind, namespace: str, name: str | None = None) -> str:
         base = f"/apis/{GROUP}/{VERSION}"
-        base += f"/namespaces/{namespace}/{kind.plural}" if kind.namespaced else f"/{kind.plural}"
-        return f"{base}/{name}" if name else base
+        if kind.namespaced:
+            base += f"/namespaces/{_segment(namespace)}/{kind.plural}"
+        else:
+            base += f"/{kind.plural}"
+        return f"{base}/{_segment(name)}" if name else base
 
     def _open(self, method: str, path: str, body: Any = None, timeout: float | None = None):
         data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.server + path, data=data, method=method)
+        headers = self.credentials.auth_headers()
         if data is not None:
-            request.add_header("Content-Type", "application/json")
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(self.server + path, data=data, headers=headers)
+        request.method = method
         try:
-            return urllib.request.urlopen(request, timeout=timeout)
+            return urllib.request.urlopen(request, timeout=timeout, context=self._ssl)
         except urllib.error.HTTPError as exc:
-            raise _status_error(exc) from None
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise ClientError(f"cannot reach the server at {self.server}: {reason}") from None
+            raise self._status_error(exc) from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
 
     def request(self, method: str, path: str, body: Any = None) -> Object:
-        with self._open(method, path, body, self.timeout) as response:
-            return json.loads(response.read())
+        try:
+            with self._open(method, path, body, self.timeout) as response:
+                return _parse(response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
 
     def get(self, kind: Kind, namespace: str, name: str) -> Object:
         return self.request("GET", self.path(kind, namespace, name))
@@ -69,16 +89,53 @@ class ApiClient:
         """Events as the server sends them, until it closes the stream."""
         path = self.path(kind, namespace) + "?watch=true"
         if name:
-            path += f"&fieldSelector=metadata.name%3D{name}"
-        with self._open("GET", path, timeout=None) as response:
-            for line in response:
-                if line.strip():
-                    yield json.loads(line)
+            path += f"&fieldSelector=metadata.name%3D{_segment(name)}"
+        try:
+            with self._open("GET", path, timeout=None) as response:
+                for line in response:
+                    if line.strip():
+                        yield _parse(line)
+        except (OSError, http.client.HTTPException) as exc:
+            raise self._unreachable(exc) from None
+
+    def _status_error(self, exc: urllib.error.HTTPError) -> ClientError:
+        if exc.code == 401:
+            # As kubectl says it, then how to put it right; the token itself never shows.
+            if self.credentials.token:
+                hint = f"the server does not accept the token from {self.credentials.token_source}"
+            else:
+                hint = HOW_TO_GIVE_A_TOKEN
+            return ClientError(
+                f"You must be logged in to the server (Unauthorized): {hint}", 401, "Unauthorized"
+            )
+        try:
+            status = json.loads(exc.read())
+            return ClientError(status.get("message", str(exc)), exc.code, status.get("reason", ""))
+        except (ValueError, OSError, AttributeError, http.client.HTTPException):
+            return ClientError(f"the server answered {exc.code} {exc.reason}", exc.code)
+
+    def _unreachable(self, exc: BaseException) -> ClientError:
+        reason: Any = getattr(exc, "reason", None) or exc
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            reason = (
+                f"TLS: certificate verify failed: {reason.verify_message or reason.reason}; "
+                "--certificate-authority FILE "
+                "trusts the server's CA, --insecure-skip-tls-verify skips the check"
+            )
+        elif isinstance(reason, ssl.SSLError):
+            reason = f"TLS: {reason.reason or reason}"
+        if isinstance(reason, OSError) and reason.strerror:
+            reason = reason.strerror  # "Connection refused", without "[Errno 111]"
+        text = " ".join(str(reason).split()) or type(exc).__name__
+        return ClientError(f"cannot reach the server at {self.server}: {text}")
 
 
-def _status_error(exc: urllib.error.HTTPError) -> ClientError:
+def _segment(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+def _parse(raw: bytes) -> Object:
     try:
-        status = json.loads(exc.read())
-        return ClientError(status.get("message", str(exc)), exc.code, status.get("reason", ""))
-    except (ValueError, OSError):
-        return ClientError(f"the server answered {exc.code} {exc.reason}", exc.code)
+        return json.loads(raw)
+    except ValueError:
+        raise ClientError(f"the server's answer is not JSON: {raw[:80]!r}") from None

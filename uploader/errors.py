@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from importer.errors import TransferError
+from uploader.quoting import cut
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,19 @@ class ApiError(Exception):
 class BadRequest(ApiError):
     code = 400
     reason = "BadRequest"
+
+
+class Unauthorized(ApiError):
+    code = 401
+    reason = "Unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="dvcr-uploader"'})
+
+
+class Forbidden(ApiError):
+    code = 403
+    reason = "Forbidden"
 
 
 class NotFound(ApiError):
@@ -58,6 +72,20 @@ class RequestTimeout(ApiError):
     reason = "RequestTimeout"
 
 
+class Gone(ApiError):
+    """The upload URL of an image that failed: the answer names the failure's own reason."""
+
+    code = 410
+    reason = "Gone"
+
+    def __init__(
+        self, message: str, reason: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message, headers)
+        if reason:
+            self.reason = reason
+
+
 class LengthRequired(ApiError):
     code = 411
     reason = "LengthRequired"
@@ -71,6 +99,16 @@ class RangeNotSatisfiable(ApiError):
 class Invalid(ApiError):
     code = 422
     reason = "Invalid"
+
+
+class TooManyImages(ApiError):
+    code = 403
+    reason = "Forbidden"
+
+
+class InsufficientStorage(ApiError):
+    code = 507
+    reason = "InsufficientStorage"
 
 
 class SpecImmutable(ApiError):
@@ -119,8 +157,27 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        reason = exc.reason.replace(" ", "")
-        return status_response(exc.status, reason, exc.text or exc.reason, dict(exc.headers))
+        return _http_exception_status(request, exc)
     except Exception:
         log.exception("internal error in %s %s", request.method, request.rel_url.path)
         return status_response(500, "InternalError", "internal server error; see the server log")
+
+
+# Headers of aiohttp's own answers that a Status answer keeps (its body and type are new).
+_KEPT_HEADERS = ("Allow", "WWW-Authenticate", "Retry-After")
+
+
+def _http_exception_status(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own errors (no route, wrong method, body too large) as a Status."""
+    path = cut(request.rel_url.path)
+    if isinstance(exc, web.HTTPNotFound):
+        message = f"the server could not find the requested resource: {path}"
+    elif isinstance(exc, web.HTTPMethodNotAllowed):
+        allowed = ", ".join(sorted(exc.allowed_methods))
+        message = f"{cut(request.method)} is not allowed on {path}; allowed: {allowed}"
+    elif isinstance(exc, web.HTTPRequestEntityTooLarge):
+        message = f"the request body is too large: {exc.text}"
+    else:
+        message = exc.text or exc.reason
+    headers = {k: exc.headers[k] for k in _KEPT_HEADERS if k in exc.headers}
+    return status_response(exc.status, exc.reason.replace(" ", ""), message, headers)

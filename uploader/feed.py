@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from importer.errors import ImageTooLarge, Suspended, TransferInterrupted
 from importer.sources.reader import Reader
+from uploader.errors import BadRequest
 
 # A body that has delivered nothing for this long may be cut by a request that continues.
 TAKEOVER_AFTER = 2.0
@@ -143,9 +144,7 @@ class UploadFeed:
             raise OffsetMismatch(self.offset)
         if total is not None:
             if self.total is not None and total != self.total:
-                raise ImageTooLarge(
-                    f"this upload is {self.total} bytes long; a request says {total}"
-                )
+                raise BadRequest(f"this upload is {self.total} bytes long; a request says {total}")
             self.total = total
         body = Body(reader, start, open_ended)
         self._body = body

@@ -28,10 +28,13 @@ from uploader.config import ServerConfig
 from uploader.errors import (
     AlreadyExists,
     ApiError,
+    BadRequest,
     Conflict,
+    Gone,
     Invalid,
     NotFound,
     SpecImmutable,
+    TooManyImages,
 )
 from uploader.feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
 from uploader.resources import Kind, validate_manifest
@@ -161,6 +164,8 @@ class ImageController:
         self.planner = SourcePlanner(config, store, self.storage)
         self.tokens = TokenIndex()
         self.ready_tokens = TokenIndex()
+        # Upload URLs of failed images answer 410 with the failure, rather than 404.
+        self.failed_tokens = TokenIndex()
         self.transfers: dict[ImageKey, ActiveTransfer] = {}
         self._imports: dict[ImageKey, asyncio.Task[None]] = {}
         # Images being read by an import; deleting one waits in Terminating until it is not.
@@ -181,11 +186,32 @@ class ImageController:
         self.external_base = (self.config.external_url or own_base_url).rstrip("/")
         self.in_cluster_base = (self.config.in_cluster_url or own_base_url).rstrip("/")
         for obj in self.store.all():
-            await self._recover(obj)
+            try:
+                await self._recover(obj)
+            except Exception as exc:
+                # One image that cannot be brought back fails; the server and the others go on.
+                log.exception("image %s could not be recovered", "/".join(key_of(obj)))
+                self._fail_recovery(obj, exc)
         kept = [saved.sink for saved in self._resumable.values()]
         await asyncio.to_thread(self.storage.clean_spill_dir, kept)
         if self.config.wait_for_upload_timeout > 0:
             self._expirer = asyncio.create_task(self._expire_waiting_uploads())
+
+    def _fail_recovery(self, obj: Object, error: Exception) -> None:
+        key = key_of(obj)
+        self.tokens.remove(key)
+        token = self._token_of(obj)
+        if token:
+            self.failed_tokens.add(token, key)
+        self._resumable.pop(key, None)
+        if obj.get("status", {}).get("phase") == TERMINATING:
+            with contextlib.suppress(Exception):
+                self.store.delete(key)  # its data may stay behind; the log says why
+            return
+        message = f"the server could not bring the image back after a restart: {error}"
+        self._set_phase(obj, FAILED, "ProvisioningFailed", message)
+        with contextlib.suppress(Exception):
+            self.store.save(obj)
 
     async def _expire_waiting_uploads(self) -> None:
         """Fails images that waited for their upload longer than the server allows."""
@@ -206,7 +232,8 @@ class ImageController:
                             "create it again to upload"
                         ),
                     )
-                    self.store.save(obj)
+                    with contextlib.suppress(ApiError):  # a full disk: tried again next round
+                        self.store.save(obj)
 
     async def _recover(self, obj: Object) -> None:
         key = key_of(obj)
@@ -215,10 +242,10 @@ class ImageController:
         if phase == TERMINATING:
             await self.storage.remove_data(obj)
             self.store.delete(key)
-        elif phase == READY:
+        elif phase in (READY, FAILED):
             token = self._token_of(obj)
             if token:
-                self.ready_tokens.add(token, key)
+                (self.ready_tokens if phase == READY else self.failed_tokens).add(token, key)
         elif phase in (PENDING, WAIT_FOR_UPLOAD, PROVISIONING):
             token = self._token_of(obj)
             saved = self._saved_upload(obj)
@@ -303,11 +330,28 @@ class ImageController:
         key = key_of(obj)
         if self.store.get(key) is not None:
             raise AlreadyExists(f'{kind.display} "{obj["metadata"]["name"]}" already exists')
+        self._check_quota(kind, namespace)
         obj["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
         obj["status"] = {"phase": PENDING}
         self._set_phase(obj, PENDING, PENDING, "Waiting for the data source")
         self._begin(obj)
         return self.store.get(key) or obj
+
+    def _check_quota(self, kind: Kind, namespace: str | None) -> None:
+        limit, total = self.config.max_images, self.store.count(kind.name)
+        if kind.namespaced and namespace is not None:
+            per_namespace = self.store.count(kind.name, namespace)
+            if per_namespace >= self.config.max_images_per_namespace:
+                raise TooManyImages(
+                    f'exceeded quota: the namespace "{namespace}" has {per_namespace} '
+                    f"{kind.plural}, the most this server allows per namespace "
+                    "(--max-images-per-namespace); delete some first"
+                )
+        if total >= limit:
+            raise TooManyImages(
+                f"exceeded quota: the server holds {total} {kind.plural}, the most it allows "
+                "(--max-images); delete some first"
+            )
 
     async def replace(self, kind: Kind, namespace: str | None, name: str, doc: Any) -> Object:
         current = self.get(kind, namespace, name)
@@ -332,6 +376,7 @@ class ImageController:
         await self._cancel_transfer(key, Conflict("the image's spec changed; upload again"))
         current = self.get(kind, namespace, name)
         self.tokens.remove(key)
+        self.failed_tokens.remove(key)
         current["spec"] = new["spec"]
         for meta_key in ("labels", "annotations"):
             if meta_key in new["metadata"]:
@@ -349,6 +394,7 @@ class ImageController:
             return obj
         self.tokens.remove(key)
         self.ready_tokens.remove(key)
+        self.failed_tokens.remove(key)
         if self._readers[key]:
             self._set_phase(
                 obj,
@@ -357,17 +403,22 @@ class ImageController:
                 "The image is being deleted once the imports that read it end",
             )
             self._deferred_deletes.add(key)
-            return self.store.save(obj)
+            return self.store.save(obj, essential=True)
         self._set_phase(obj, TERMINATING, TERMINATING, "The image is being deleted")
-        obj = self.store.save(obj)
+        obj = self.store.save(obj, essential=True)
         await self._cancel_transfer(key, NotFound("the image was deleted during the upload"))
         await self._remove(obj)
         return obj
 
     async def _remove(self, obj: Object) -> None:
-        await self.storage.remove_data(obj)
+        try:
+            await self.storage.remove_data(obj)
+        except OSError as exc:
+            # The record goes anyway: an image nobody can delete is worse than stray data.
+            log.warning("the data of %s stays behind: %s", "/".join(key_of(obj)), exc)
         self.metrics.forget(obj["metadata"]["uid"])
         self.store.delete(key_of(obj))
+        await asyncio.to_thread(self.store.keep_reserve)
 
     async def _cancel_transfer(self, key: ImageKey, reason: ApiError) -> None:
         transfer = self.transfers.get(key)
@@ -433,8 +484,8 @@ class ImageController:
     # -- uploads --------------------------------------------------------------------------
 
     def find_upload(self, token: str) -> Object:
-        """The image a token uploads to; raises 404 for unknown or expired tokens and 409
-        for an image that is already Ready."""
+        """The image a token uploads to; raises 404 for unknown or expired tokens, 409 for
+        an image that is already Ready and 410, naming the failure, for a Failed one."""
         key = self.tokens.find(token)
         if key is None:
             ready = self.ready_tokens.find(token)
@@ -442,6 +493,15 @@ class ImageController:
                 raise Conflict(
                     f"the image {ready[2]} is already Ready; it cannot be uploaded again"
                 )
+            failed_key = self.failed_tokens.find(token)
+            failed = self.store.get(failed_key) if failed_key is not None else None
+            # A replaced spec gives the image a new token: the old one is merely unknown.
+            if failed is not None and self._token_of(failed) == token:
+                status = failed["status"]
+                conditions = status.get("conditions", [])
+                why = next((c for c in conditions if c.get("type") == "Ready"), None)
+                if status.get("phase") == FAILED and why is not None:
+                    raise Gone(why["message"], why["reason"])
             raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
         obj = self.store.get(key)
         if obj is None:
@@ -469,6 +529,13 @@ class ImageController:
         offset = self.upload_offset(key_of(obj))
         if not part.whole and part.start != offset:
             raise part.wrong_offset(offset)
+        saved = self._resumable.get(key_of(obj))
+        known = feed.total if feed is not None else saved.total if saved is not None else None
+        if not part.whole and None not in (part.total, known) and part.total != known:
+            raise BadRequest(
+                f"this upload is {known} bytes long; the request says {part.total} "
+                "(Upload-Length or the Content-Range total)"
+            )
         return obj
 
     def transfer_of(self, key: ImageKey) -> ActiveTransfer | None:
@@ -851,6 +918,9 @@ class ImageController:
     def _fail(self, obj: Object, error: TransferError) -> None:
         key = key_of(obj)
         self.tokens.remove(key)
+        token = self._token_of(obj)
+        if token:
+            self.failed_tokens.add(token, key)
         log.info("image %s failed: %s: %s", "/".join(key), error.reason, error.message)
         self._set_phase(obj, FAILED, error.reason, error.message)
 

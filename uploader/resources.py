@@ -1,7 +1,25 @@
 """The VirtualImage and ClusterVirtualImage resources: kinds, validation, defaults.
 
 Validation answers like the Kubernetes API server does: 422 with a message that names the
-field (`spec.storage: Unsupported value: "Foo": supported values: ...`).
+field (`spec.storage: Unsupported value: "Foo": supported values: ...`), quoting at most
+200 characters of what was sent.
+
+Names are checked here, once, before any path or registry reference is made of them, and
+limited so that every name made of them is valid:
+
+- an image's name (and the name of an image or disk a source refers to) is an RFC 1123
+  subdomain of at most 128 characters. It becomes the claim `vi-{name}`, a PVC name (253
+  characters at most) and a directory (255 bytes); the DVCR repository `vi/{ns}/{name}`,
+  at most 195 characters, which leaves 59 for the registry's host:port within the 255 an
+  image name may have; and Deckhouse derives names like `vi-{name}-{uid}` (168 characters).
+  Every RFC 1123 subdomain is also a valid repository path component.
+- a namespace is an RFC 1123 label of at most 63 characters, as in Kubernetes.
+- an imagePullSecret's name is a Kubernetes Secret's: an RFC 1123 subdomain of at most 253
+  characters (the file `DATA_DIR/secrets/{ns}/{name}`).
+
+A VirtualImage reaches only its own namespace: a source (objectRef, imagePullSecret) that
+names another one is Forbidden. A ClusterVirtualImage names the namespace of a namespaced
+source.
 """
 
 from __future__ import annotations
@@ -13,7 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
+from importer.urlredact import redact_url
 from uploader.errors import Invalid
+from uploader.quoting import cut, quoted
 
 GROUP = "virtualization.deckhouse.io"
 VERSION = "v1alpha2"
@@ -30,6 +50,10 @@ SOURCE_FIELDS = {
 }
 OBJECT_REF_KINDS = ("VirtualImage", "ClusterVirtualImage", "VirtualDisk")
 CHECKSUM_LENGTHS = {"md5": 32, "sha256": 64}
+MAX_NAME_LENGTH = 128
+MAX_NAMESPACE_LENGTH = 63
+MAX_SECRET_NAME_LENGTH = 253
+DEFAULT_SECRET_NAMESPACE = "default"  # a ClusterVirtualImage's imagePullSecret without one
 
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -71,27 +95,76 @@ def kind_for_word(word: str) -> Kind | None:
     return None
 
 
-def validate_name(name: Any, field: str = "metadata.name") -> str:
-    if not isinstance(name, str) or not name:
-        raise Invalid(f"{field}: Required value: name is required")
-    if len(name) > 253 or not _DNS1123_SUBDOMAIN.match(name):
+def _string(value: Any, field: str) -> str:
+    """A required string field."""
+    if value is None or value == "":
+        raise Invalid(f"{field}: Required value")
+    if not isinstance(value, str):
+        raise Invalid(f"{field}: Invalid value: {quoted(value)}: must be a string")
+    return value
+
+
+def _not_longer(value: str, limit: int, field: str) -> None:
+    if len(value) > limit:
         raise Invalid(
-            f'{field}: Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist of '
-            "lower case alphanumeric characters, '-' or '.', and must start and end with an "
-            "alphanumeric character (e.g. 'example.com', regex used for validation is "
+            f"{field}: Invalid value: {quoted(value)}: must be no more than {limit} characters"
+        )
+
+
+def validate_name(
+    name: Any, field: str = "metadata.name", max_length: int = MAX_NAME_LENGTH
+) -> str:
+    """An image's name, or the name of what a source refers to (see the module's limits)."""
+    if name is None or name == "":
+        raise Invalid(f"{field}: Required value: name is required")
+    name = _string(name, field)
+    _not_longer(name, max_length, field)
+    if not _DNS1123_SUBDOMAIN.match(name):
+        raise Invalid(
+            f"{field}: Invalid value: {quoted(name)}: a lowercase RFC 1123 subdomain must "
+            "consist of lower case alphanumeric characters, '-' or '.', and must start and end "
+            "with an alphanumeric character (e.g. 'example.com', regex used for validation is "
             f"'{_DNS1123_SUBDOMAIN.pattern[1:-1]}')"
         )
     return name
 
 
-def validate_namespace(namespace: Any) -> str:
-    if not isinstance(namespace, str) or len(namespace) > 63 or not _DNS1123_LABEL.match(namespace):
+def validate_namespace(namespace: Any, field: str = "metadata.namespace") -> str:
+    namespace = _string(namespace, field)
+    _not_longer(namespace, MAX_NAMESPACE_LENGTH, field)
+    if not _DNS1123_LABEL.match(namespace):
         raise Invalid(
-            f'metadata.namespace: Invalid value: "{namespace}": a lowercase RFC 1123 label must '
+            f"{field}: Invalid value: {quoted(namespace)}: a lowercase RFC 1123 label must "
             "consist of lower case alphanumeric characters or '-', and must start and end with "
             "an alphanumeric character"
         )
     return namespace
+
+
+def source_namespace(
+    kind: Kind, own: str | None, given: Any, field: str, default: str | None = None
+) -> str:
+    """The namespace of what a source refers to, `given` (None when not written) by an
+    image of `kind` in namespace `own` (None for a ClusterVirtualImage).
+
+    A VirtualImage reaches only its own namespace; a ClusterVirtualImage names one, or
+    gets `default` when there is one.
+    """
+    if kind.namespaced:
+        if given is None:
+            return validate_namespace(own)
+        validate_namespace(given, field)
+        if given != own:
+            raise Invalid(
+                f"{field}: Forbidden: a {kind.name} may only refer to objects in its own "
+                f"namespace {quoted(own)}, not {quoted(given)}"
+            )
+        return given
+    if given is None:
+        if default is None:
+            raise Invalid(f"{field}: Required value: a {kind.name} must name the namespace")
+        return default
+    return validate_namespace(given, field)
 
 
 def _require_mapping(value: Any, field: str) -> dict[str, Any]:
@@ -106,14 +179,15 @@ def _reject_unknown(obj: dict[str, Any], allowed: tuple[str, ...], field: str) -
     for key in obj:
         if key not in allowed:
             raise Invalid(
-                f'{field}.{key}: Unsupported field: "{key}" is not declared in the schema'
+                f"{field}.{cut(str(key))}: Unsupported field: {quoted(key)} is not declared in "
+                "the schema"
             )
 
 
 def _supported(value: Any, choices: tuple[str, ...], field: str) -> str:
-    if value not in choices:
+    if not isinstance(value, str) or value not in choices:
         listed = ", ".join(f'"{c}"' for c in choices)
-        raise Invalid(f'{field}: Unsupported value: "{value}": supported values: {listed}')
+        raise Invalid(f"{field}: Unsupported value: {quoted(value)}: supported values: {listed}")
     return value
 
 
@@ -124,7 +198,7 @@ def _validate_checksum(checksum: Any, field: str) -> None:
         length = CHECKSUM_LENGTHS[algorithm]
         if not isinstance(value, str) or len(value) != length or not _HEX.match(value):
             raise Invalid(
-                f'{field}.{algorithm}: Invalid value: "{value}": must be {length} hex digits'
+                f"{field}.{algorithm}: Invalid value: {quoted(value)}: must be {length} hex digits"
             )
 
 
@@ -137,7 +211,7 @@ def _validate_ca_bundle(value: Any, field: str) -> None:
         raise Invalid(f"{field}: Invalid value: the decoded bundle holds no PEM certificate")
 
 
-def _validate_source(source: dict[str, Any], kind: Kind) -> None:
+def _validate_source(source: dict[str, Any], kind: Kind, namespace: str | None) -> None:
     source_type = _supported(source.get("type"), SOURCE_TYPES, "spec.dataSource.type")
     _reject_unknown(source, ("type", *SOURCE_FIELDS.values()), "spec.dataSource")
     field_name = SOURCE_FIELDS[source_type]
@@ -148,18 +222,26 @@ def _validate_source(source: dict[str, Any], kind: Kind) -> None:
             )
     field = f"spec.dataSource.{field_name}"
     if source_type == "Upload":
-        upload = source.get("upload") or {}
-        _require_mapping(upload, field)
+        upload = source.get("upload")
+        upload = _require_mapping({} if upload is None else upload, field)
         _reject_unknown(upload, ("checksum",), field)
         if "checksum" in upload:
             _validate_checksum(upload["checksum"], f"{field}.checksum")
     elif source_type == "HTTP":
         http = _require_mapping(source.get("http"), field)
         _reject_unknown(http, ("url", "caBundle", "checksum"), field)
-        url = http.get("url")
-        parsed = urlparse(url) if isinstance(url, str) else None
-        if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise Invalid(f'{field}.url: Invalid value: "{url}": must be an http or https URL')
+        url = _string(http.get("url"), f"{field}.url")
+        try:
+            parsed = urlparse(url)
+            parsed.port  # noqa: B018 - a port out of range or not a number raises here
+            valid = parsed.scheme in ("http", "https") and bool(parsed.hostname)
+        except ValueError:  # a bad port, an unclosed [
+            valid = False
+        if not valid:
+            raise Invalid(
+                f"{field}.url: Invalid value: {quoted(redact_url(url))}: must be an http or "
+                "https URL"
+            )
         if "caBundle" in http:
             _validate_ca_bundle(http["caBundle"], f"{field}.caBundle")
         if "checksum" in http:
@@ -167,26 +249,33 @@ def _validate_source(source: dict[str, Any], kind: Kind) -> None:
     elif source_type == "ContainerImage":
         image = _require_mapping(source.get("containerImage"), field)
         _reject_unknown(image, ("image", "imagePullSecret", "caBundle"), field)
-        if not isinstance(image.get("image"), str) or not image["image"]:
-            raise Invalid(f"{field}.image: Required value")
+        _string(image.get("image"), f"{field}.image")
         if "caBundle" in image:
             _validate_ca_bundle(image["caBundle"], f"{field}.caBundle")
         if "imagePullSecret" in image:
-            secret = _require_mapping(image["imagePullSecret"], f"{field}.imagePullSecret")
-            _reject_unknown(secret, ("name", "namespace"), f"{field}.imagePullSecret")
-            validate_name(secret.get("name"), f"{field}.imagePullSecret.name")
-            if "namespace" in secret:
-                validate_namespace(secret["namespace"])
+            secret_field = f"{field}.imagePullSecret"
+            secret = _require_mapping(image["imagePullSecret"], secret_field)
+            _reject_unknown(secret, ("name", "namespace"), secret_field)
+            validate_name(secret.get("name"), f"{secret_field}.name", MAX_SECRET_NAME_LENGTH)
+            source_namespace(
+                kind,
+                namespace,
+                secret.get("namespace"),
+                f"{secret_field}.namespace",
+                DEFAULT_SECRET_NAMESPACE,
+            )
     else:
         ref = _require_mapping(source.get("objectRef"), field)
         _reject_unknown(ref, ("kind", "name", "namespace"), field)
-        _supported(ref.get("kind"), OBJECT_REF_KINDS, f"{field}.kind")
+        ref_kind = _supported(ref.get("kind"), OBJECT_REF_KINDS, f"{field}.kind")
         validate_name(ref.get("name"), f"{field}.name")
-        if kind is CLUSTER_VIRTUAL_IMAGE and ref["kind"] != "ClusterVirtualImage":
-            namespace = ref.get("namespace")
-            if namespace is None:
-                raise Invalid(f"{field}.namespace: Required value: for a {ref['kind']} source")
-            validate_namespace(namespace)
+        if ref_kind == CLUSTER_VIRTUAL_IMAGE.name:
+            if "namespace" in ref:
+                raise Invalid(
+                    f"{field}.namespace: Forbidden: a ClusterVirtualImage has no namespace"
+                )
+        else:
+            source_namespace(kind, namespace, ref.get("namespace"), f"{field}.namespace")
 
 
 def validate_manifest(doc: Any, kind: Kind, namespace: str | None) -> dict[str, Any]:
@@ -195,27 +284,33 @@ def validate_manifest(doc: Any, kind: Kind, namespace: str | None) -> dict[str, 
     doc = _require_mapping(doc, "body")
     if doc.get("apiVersion") != API_VERSION:
         raise Invalid(
-            f'apiVersion: Unsupported value: "{doc.get("apiVersion")}": supported values: '
+            f"apiVersion: Unsupported value: {quoted(doc.get('apiVersion'))}: supported values: "
             f'"{API_VERSION}"'
         )
     if doc.get("kind") != kind.name:
-        raise Invalid(f'kind: Invalid value: "{doc.get("kind")}": this endpoint takes {kind.name}')
+        raise Invalid(
+            f"kind: Invalid value: {quoted(doc.get('kind'))}: this endpoint takes {kind.name}"
+        )
     metadata = _require_mapping(doc.get("metadata"), "metadata")
     name = validate_name(metadata.get("name"))
     meta: dict[str, Any] = {"name": name}
     if kind.namespaced:
+        meta["namespace"] = validate_namespace(namespace)
         given = metadata.get("namespace")
         if given is not None and given != namespace:
             raise Invalid(
-                f'metadata.namespace: Invalid value: "{given}": does not match the namespace '
-                f'of the request "{namespace}"'
+                f"metadata.namespace: Invalid value: {quoted(given)}: does not match the "
+                f"namespace of the request {quoted(namespace)}"
             )
-        meta["namespace"] = validate_namespace(namespace)
     for key in ("labels", "annotations"):
         if key in metadata:
             value = _require_mapping(metadata[key], f"metadata.{key}")
-            if not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
-                raise Invalid(f"metadata.{key}: Invalid value: keys and values must be strings")
+            for item_key, item in value.items():
+                if not isinstance(item_key, str) or not isinstance(item, str):
+                    raise Invalid(
+                        f"metadata.{key}.{cut(str(item_key))}: Invalid value: {quoted(item)}: "
+                        "keys and values must be strings"
+                    )
             meta[key] = dict(value)
 
     spec = dict(_require_mapping(doc.get("spec"), "spec"))
@@ -230,5 +325,8 @@ def validate_manifest(doc: Any, kind: Kind, namespace: str | None) -> dict[str, 
     if "persistentVolumeClaim" in spec:
         pvc = _require_mapping(spec["persistentVolumeClaim"], "spec.persistentVolumeClaim")
         _reject_unknown(pvc, ("storageClassName",), "spec.persistentVolumeClaim")
-    _validate_source(_require_mapping(spec.get("dataSource"), "spec.dataSource"), kind)
+        if "storageClassName" in pvc:
+            _string(pvc["storageClassName"], "spec.persistentVolumeClaim.storageClassName")
+    source = _require_mapping(spec.get("dataSource"), "spec.dataSource")
+    _validate_source(source, kind, meta.get("namespace"))
     return {"apiVersion": API_VERSION, "kind": kind.name, "metadata": meta, "spec": spec}

@@ -9,6 +9,11 @@ In the embedded default, a `VirtualDisk` named NAME in namespace NS is the claim
 A `ContainerImage`'s `imagePullSecret` NAME is `DATA_DIR/secrets/NS/NAME`: the
 dockerconfigjson itself, or a directory holding it as `.dockerconfigjson` (a mounted
 Kubernetes secret).
+
+The spec is validated again before it is planned (an image stored by an older server may
+break today's rules, a VirtualImage that reads another namespace for one), and only the
+validated names and namespaces are used. HTTP and ContainerImage sources connect through
+the server's address guard (importer/netguard.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from importer.errors import SourceUnreachable
+from importer.netguard import AddressGuard, ImportPolicy
 from importer.oci.auth import Credentials
 from importer.oci.reference import Reference
 from importer.sources.disklock import hold_for_reading, in_use_by
@@ -30,6 +36,15 @@ from importer.sources.file import fd_chunks
 from importer.sources.openers import container_image_source, disk_file_source, http_source
 from importer.transfer import OpenedSource, SourceOpener
 from uploader.config import ServerConfig
+from uploader.errors import Invalid
+from uploader.paths import under
+from uploader.resources import (
+    DEFAULT_SECRET_NAMESPACE,
+    KINDS,
+    Kind,
+    source_namespace,
+    validate_manifest,
+)
 from uploader.storage import Storage, dvcr_repo, uses_pvc
 from uploader.store import Object, Store
 from uploader.tokens import ImageKey
@@ -64,46 +79,74 @@ def _quote(kind: str, name: str, namespace: str | None) -> str:
     return f'{kind} "{name}"{where}'
 
 
+def _checked(obj: Object) -> tuple[Kind, Object]:
+    """The image's kind and its spec validated by today's rules; SourceUnreachable when it
+    breaks them."""
+    kind = KINDS[obj["kind"]]
+    manifest = {key: obj[key] for key in ("apiVersion", "kind", "metadata", "spec")}
+    try:
+        return kind, validate_manifest(manifest, kind, obj["metadata"].get("namespace"))
+    except Invalid as exc:
+        raise SourceUnreachable(f"the image's source is not allowed: {exc.message}") from None
+
+
 class SourcePlanner:
     def __init__(self, config: ServerConfig, store: Store, storage: Storage) -> None:
         self.config = config
         self.store = store
         self.storage = storage
+        # Raises ValueError for an --import-allow that is not an address range.
+        policy = ImportPolicy.for_server(config.loopback_only, config.import_allow)
+        self.guard = AddressGuard(policy)
 
     async def plan(self, obj: Object) -> ImportPlan:
-        source = obj["spec"]["dataSource"]
-        kind = source["type"]
-        if kind == "HTTP":
+        kind, checked = _checked(obj)
+        source = checked["spec"]["dataSource"]
+        source_type = source["type"]
+        own = checked["metadata"].get("namespace")
+        if source_type == "HTTP":
             return ImportPlan(open_source=self._http(source["http"]))
-        if kind == "ContainerImage":
-            return ImportPlan(open_source=self._container_image(obj, source["containerImage"]))
-        if kind == "ObjectRef":
+        if source_type == "ContainerImage":
+            return ImportPlan(
+                open_source=self._container_image(kind, own, source["containerImage"])
+            )
+        if source_type == "ObjectRef":
             ref = source["objectRef"]
-            namespace = ref.get("namespace") or obj["metadata"].get("namespace")
+            if ref["kind"] == "ClusterVirtualImage":
+                return self._image(obj, ref["kind"], None, ref["name"])
+            field = "spec.dataSource.objectRef.namespace"
+            namespace = source_namespace(kind, own, ref.get("namespace"), field)
             if ref["kind"] == "VirtualDisk":
                 return self._virtual_disk(namespace, ref["name"])
             return self._image(obj, ref["kind"], namespace, ref["name"])
-        raise SourceUnreachable(f"dataSource.type {kind} has nothing to import")
+        raise SourceUnreachable(f"dataSource.type {source_type} has nothing to import")
 
     # -- HTTP and registries ------------------------------------------------------------
 
-    @staticmethod
-    def _http(spec: dict[str, Any]) -> SourceOpener:
+    def _http(self, spec: dict[str, Any]) -> SourceOpener:
         ca_bundle = base64.b64decode(spec["caBundle"]) if "caBundle" in spec else None
-        return http_source(spec["url"], ca_bundle)
+        return http_source(spec["url"], ca_bundle, guard=self.guard)
 
-    def _container_image(self, obj: Object, spec: dict[str, Any]) -> SourceOpener:
+    def _container_image(self, kind: Kind, own: str | None, spec: dict[str, Any]) -> SourceOpener:
         image = spec["image"]
         ca_bundle = base64.b64decode(spec["caBundle"]) if "caBundle" in spec else None
         credentials = None
         if "imagePullSecret" in spec:
             secret = spec["imagePullSecret"]
-            namespace = secret.get("namespace") or obj["metadata"].get("namespace") or "default"
+            namespace = source_namespace(
+                kind,
+                own,
+                secret.get("namespace"),
+                "spec.dataSource.containerImage.imagePullSecret.namespace",
+                DEFAULT_SECRET_NAMESPACE,
+            )
             credentials = self._pull_credentials(image, namespace, secret["name"])
-        return container_image_source(image, credentials=credentials, ca_bundle=ca_bundle)
+        return container_image_source(
+            image, credentials=credentials, ca_bundle=ca_bundle, guard=self.guard
+        )
 
     def _pull_credentials(self, image: str, namespace: str, name: str) -> Credentials | None:
-        path = self.config.data_dir / "secrets" / namespace / name
+        path = under(self.config.data_dir / "secrets", namespace, name)
         if path.is_dir():
             path = next((path / k for k in DOCKER_CONFIG_KEYS if (path / k).is_file()), path)
         if not path.is_file():
@@ -122,7 +165,6 @@ class SourcePlanner:
     # -- other images -------------------------------------------------------------------
 
     def _image(self, obj: Object, kind: str, namespace: str | None, name: str) -> ImportPlan:
-        namespace = namespace if kind == "VirtualImage" else None
         key: ImageKey = (kind, namespace or "", name)
         source = self.store.get(key)
         what = _quote(kind, name, namespace)
@@ -150,14 +192,13 @@ class SourcePlanner:
         length = int(status.get("size", {}).get("unpackedBytes", "0"))
         return self._claim_reader(path, length, what, source_image=key)
 
-    def _virtual_disk(self, namespace: str | None, name: str) -> ImportPlan:
+    def _virtual_disk(self, namespace: str, name: str) -> ImportPlan:
         what = _quote("VirtualDisk", name, namespace)
-        path = self.storage.disk_path(namespace or "default", name)
+        path = self.storage.disk_path(namespace, name)
         if path is None:
             raise SourceUnreachable(
                 f"the source {what} does not exist: its claim directory "
-                f"{self.storage.disk_dir(namespace or 'default', name)} holds no disk.img "
-                "and no block link"
+                f"{self.storage.disk_dir(namespace, name)} holds no disk.img and no block link"
             )
         return self._claim_reader(path, None, what, source_image=None)
 

@@ -7,6 +7,9 @@ PersistentVolumeClaim: the claim `vi-{name}` is the directory `DATA_DIR/pvc/{ns}
 A filesystem claim holds `disk.img`. An operator makes it a block claim by placing, before
 the image is created, a symlink named `block` in that directory that points at a block
 device or a pre-sized file; the image is then written there in place.
+
+Claim directories are made with uploader/paths.py `under()`: they stay below
+`DATA_DIR/pvc`, while a `block` link may point anywhere (the operator placed it).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from importer.sinks.dvcr import DvcrSink, ImageStore
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
 from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
 from uploader.config import ServerConfig
+from uploader.paths import UnsafePath, under
 from uploader.resources import STORAGE_PVC
 from uploader.store import Object
 
@@ -130,7 +134,9 @@ class Storage:
             await self.dvcr.close()
 
     def claim_dir(self, obj: Object) -> Path:
-        return self.config.pvc_root / obj["metadata"]["namespace"] / claim_name(obj)
+        """Raises UnsafePath for a name that cannot be a directory below DATA_DIR/pvc."""
+        namespace = obj["metadata"]["namespace"]
+        return under(self.config.pvc_root, namespace, claim_name(obj), follow_last=True)
 
     @staticmethod
     def _block_link(directory: Path) -> Path | None:
@@ -154,7 +160,7 @@ class Storage:
 
     def disk_dir(self, namespace: str, name: str) -> Path:
         """The claim directory of the VirtualDisk `name` (see uploader/sources.py)."""
-        return self.config.pvc_root / namespace / f"vd-{name}"
+        return under(self.config.pvc_root, namespace, f"vd-{name}", follow_last=True)
 
     def disk_path(self, namespace: str, name: str) -> Path | None:
         path = self._data_path(self.disk_dir(namespace, name))
@@ -234,7 +240,8 @@ class Storage:
     def remove_partial(self, obj: Object) -> None:
         """Drops what an interrupted transfer left (after a crash the abort never ran)."""
         if uses_pvc(obj):
-            with contextlib.suppress(FileNotFoundError):
+            # A name that cannot be a claim directory never had anything stored under it.
+            with contextlib.suppress(FileNotFoundError, UnsafePath):
                 (self.claim_dir(obj) / ".disk.img.partial").unlink()
 
     async def remove_data(self, obj: Object) -> None:
@@ -245,9 +252,12 @@ class Storage:
             except TransferError as exc:
                 log.warning("the DVCR tag of %s stays behind: %s", dvcr_repo(obj), exc.message)
             return
-        if self._block_link(self.claim_dir(obj)) is not None:
+        try:
+            directory = self.claim_dir(obj)
+        except UnsafePath:
+            return  # nothing was ever stored under a name that cannot be a directory
+        if self._block_link(directory) is not None:
             return
-        directory = self.claim_dir(obj)
 
         def remove() -> None:
             shutil.rmtree(directory, ignore_errors=True)

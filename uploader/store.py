@@ -4,19 +4,28 @@ watchers that get every change."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import json
+import logging
+import os
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uploader.errors import InsufficientStorage
 from uploader.tokens import ImageKey
 
+log = logging.getLogger(__name__)
 Object = dict[str, Any]
 _WATCH_QUEUE = 1024
+# Room kept on the data disk for the writes that free space: when something else fills the
+# disk, deleting an image still needs to write its Terminating phase and the deletion.
+RESERVE_FILE = "reserve.space"
+RESERVE_SIZE = 8 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS objects (
@@ -43,6 +52,11 @@ CREATE TABLE IF NOT EXISTS received (
     PRIMARY KEY (kind, namespace, name)
 );
 """
+
+
+def _disk_full(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
 
 
 def key_of(obj: Object) -> ImageKey:
@@ -83,12 +97,62 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._objects: dict[ImageKey, Object] = {}
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
         for (body,) in self._db.execute("SELECT body FROM objects"):
             obj = json.loads(body)
             self._objects[key_of(obj)] = obj
+            self._counts[key_of(obj)[:2]] += 1
+        self._reserve = path.parent / RESERVE_FILE
+        self.keep_reserve()
         row = self._db.execute("SELECT value FROM meta WHERE key='resourceVersion'").fetchone()
         self._version = int(row[0]) if row else 0
         self._watchers: set[_Watcher] = set()
+
+    def keep_reserve(self) -> None:
+        """Makes the reserve again if it is not there (once space was freed)."""
+        if self._reserve.exists():
+            return
+        partial = self._reserve.with_suffix(".partial")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, RESERVE_SIZE)
+            finally:
+                os.close(fd)
+            os.replace(partial, self._reserve)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+            log.warning("no reserve space on the data disk: %s", exc.strerror)
+
+    def _write(self, action: Callable[[], None], essential: bool) -> None:
+        """Runs a database write; on a full disk an `essential` one (a write that frees
+        space) gives up the reserve and tries again, any other is InsufficientStorage."""
+        try:
+            action()
+            return
+        except sqlite3.OperationalError as exc:
+            if not _disk_full(exc):
+                raise
+            if not essential or not self._release_reserve():
+                raise InsufficientStorage(
+                    "the server's data disk is full: delete images to free space"
+                ) from None
+        log.warning("the data disk is full: the reserve space was used for a deletion")
+        action()
+
+    def _release_reserve(self) -> bool:
+        try:
+            self._reserve.unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def count(self, kind: str, namespace: str | None = None) -> int:
+        """How many objects of `kind` there are (in `namespace`, if given)."""
+        if namespace is not None:
+            return self._counts[(kind, namespace)]
+        return sum(n for (k, _), n in self._counts.items() if k == kind)
 
     def end_watches(self) -> None:
         """Ends every watch stream (on shutdown; clients watch again)."""
@@ -118,22 +182,25 @@ class Store:
     def version(self) -> int:
         return self._version
 
-    def save(self, obj: Object, durable: bool = True) -> Object:
+    def save(self, obj: Object, durable: bool = True, essential: bool = False) -> Object:
         """Stores a new or changed object, bumps its resourceVersion, tells the watchers.
         `durable=False` keeps the change in memory only: for progress, which a restart
-        resets anyway, so a transfer never waits for an fsync of the database."""
+        resets anyway, so a transfer never waits for an fsync of the database.
+        `essential`: a step of a deletion, which may use the reserve of a full disk."""
         key = key_of(obj)
         event_type = "MODIFIED" if key in self._objects else "ADDED"
-        self._version += 1
         obj = copy.deepcopy(obj)
-        obj["metadata"]["resourceVersion"] = str(self._version)
+        obj["metadata"]["resourceVersion"] = str(self._version + 1)
         if durable:
-            self._persist(key, obj)
+            self._write(lambda: self._persist(key, obj, self._version + 1), essential)
+        self._version += 1
+        if key not in self._objects:
+            self._counts[key[:2]] += 1
         self._objects[key] = obj
         self._notify(Event(event_type, obj))
         return copy.deepcopy(obj)
 
-    def _persist(self, key: ImageKey, obj: Object) -> None:
+    def _persist(self, key: ImageKey, obj: Object, version: int) -> None:
         with self._db:
             self._db.execute(
                 "INSERT OR REPLACE INTO objects (kind, namespace, name, body) VALUES (?,?,?,?)",
@@ -141,7 +208,7 @@ class Store:
             )
             self._db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('resourceVersion', ?)",
-                (str(self._version),),
+                (str(version),),
             )
 
     def set_received(self, key: ImageKey, count: int) -> None:
@@ -178,13 +245,20 @@ class Store:
             self._db.execute("DELETE FROM checkpoints WHERE kind=? AND namespace=? AND name=?", key)
 
     def delete(self, key: ImageKey) -> Object | None:
-        obj = self._objects.pop(key, None)
+        obj = self._objects.get(key)
         if obj is None:
             return None
-        with self._db:
-            self._db.execute("DELETE FROM objects WHERE kind=? AND namespace=? AND name=?", key)
-            self._db.execute("DELETE FROM received WHERE kind=? AND namespace=? AND name=?", key)
-            self._db.execute("DELETE FROM checkpoints WHERE kind=? AND namespace=? AND name=?", key)
+
+        def remove() -> None:
+            with self._db:
+                for table in ("objects", "received", "checkpoints"):
+                    self._db.execute(
+                        f"DELETE FROM {table} WHERE kind=? AND namespace=? AND name=?", key
+                    )
+
+        self._write(remove, essential=True)
+        del self._objects[key]
+        self._counts[key[:2]] -= 1
         self._notify(Event("DELETED", obj))
         return copy.deepcopy(obj)
 

@@ -31,12 +31,16 @@ from uploader.errors import (
 )
 from uploader.feed import BodyEnd
 from uploader.images import READY, ImageController, UploadPart, offset_headers
+from uploader.quoting import quoted
 from uploader.store import Object, key_of
 
 TUS_VERSION = "1.0.0"
 READ_CHUNK = 1 << 20
 _CLOSE_AFTER_ANSWER = "upload.close_after_answer"
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)", re.ASCII)
+_NUMBER = re.compile(r"[0-9]+", re.ASCII)
+# More digits than any number of bytes anybody means (a yottabyte has 25): refused unread.
+MAX_DIGITS = 30
 _PAYLOAD_ERRORS = (
     ConnectionError,
     asyncio.IncompleteReadError,
@@ -134,17 +138,24 @@ def _wrong_tus_offset(offset: int) -> ApiError:
     )
 
 
+def _bytes_number(text: str, name: str) -> int:
+    digits = text.strip()
+    if not _NUMBER.fullmatch(digits) or len(digits.lstrip("0")) > MAX_DIGITS:
+        raise BadRequest(f"{name} {quoted(text)} is not a number of bytes")
+    return int(digits)
+
+
 def _header_number(request: web.Request, name: str) -> int | None:
     value = request.headers.get(name)
-    if value is None:
-        return None
-    if not value.strip().isdigit():
-        raise BadRequest(f'{name} "{value}" is not a number of bytes')
-    return int(value)
+    return None if value is None else _bytes_number(value, name)
 
 
 def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
-    """What a request carries: where its bytes go, and the image's length when it says."""
+    """What a request carries: where its bytes go, and the image's length when it says
+    (`Upload-Length`, the `Content-Range` total, or else the `Content-Length` of a whole
+    image). Lengths that disagree are refused (400) before a byte is read."""
+    upload_length = _header_number(request, "Upload-Length")
+    content_range = request.headers.get("Content-Range")
     if request.method == "PATCH":
         if request.content_type != "application/offset+octet-stream":
             raise UnsupportedMediaType(
@@ -153,37 +164,95 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
         start = _header_number(request, "Upload-Offset")
         if start is None:
             raise BadRequest("a tus PATCH needs Upload-Offset")
-        total = _header_number(request, "Upload-Length")
-        return UploadPart(body, start, total, False, _wrong_tus_offset)
-    content_range = request.headers.get("Content-Range")
-    if content_range is None:
-        return UploadPart(body, 0, request.content_length, True, _wrong_range)
-    match = _CONTENT_RANGE.match(content_range.strip())
-    if match is None:
-        raise BadRequest(f'Content-Range "{content_range}" is not "bytes FIRST-LAST/TOTAL"')
-    first, last, total = (int(g) for g in match.groups())
-    if first > last or last >= total or request.content_length not in (None, last - first + 1):
-        raise BadRequest(f'Content-Range "{content_range}" does not match the body')
-    return UploadPart(body, first, total, False, _wrong_range)
+        part = UploadPart(body, start, upload_length, False, _wrong_tus_offset)
+    elif content_range is not None:
+        match = _CONTENT_RANGE.fullmatch(content_range.strip())
+        if match is None:
+            raise BadRequest(
+                f'Content-Range {quoted(content_range)} is not "bytes FIRST-LAST/TOTAL"'
+            )
+        first, last, total = (_bytes_number(g, "Content-Range") for g in match.groups())
+        if first > last or last >= total or request.content_length not in (None, last - first + 1):
+            raise BadRequest(f"Content-Range {quoted(content_range)} does not match the body")
+        if upload_length not in (None, total):
+            raise BadRequest(
+                f"Upload-Length says the image is {upload_length} bytes long, Content-Range "
+                f"says {total}"
+            )
+        part = UploadPart(body, first, total, False, _wrong_range)
+    else:
+        length = request.content_length
+        if None not in (upload_length, length) and upload_length != length:
+            # Without Content-Range or Upload-Offset the body is the whole image (tus's
+            # creation request, which carries none of it, is not supported).
+            raise BadRequest(
+                f"a request without Content-Range or Upload-Offset carries the whole image: "
+                f"its Content-Length ({length}) must be its Upload-Length ({upload_length})"
+            )
+        total = upload_length if upload_length is not None else length
+        part = UploadPart(body, 0, total, True, _wrong_range)
+    _check_body_fits(request, part.start, part.total)
+    return part
 
 
-def _check_size(request: web.Request, controller: ImageController) -> None:
+def _check_body_fits(request: web.Request, start: int, total: int | None) -> None:
     length = request.content_length
+    if total is None:
+        return
+    if start > total:
+        raise BadRequest(f"the upload continues at byte {start}, past the end of the image")
+    if length is not None and length > total - start:
+        raise BadRequest(
+            f"the body of {length} bytes from byte {start} goes past the end of the image, "
+            f"which is {total} bytes long"
+        )
+
+
+def _request_part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
+    if request.content_type != "multipart/form-data":
+        return _part(request, body)
+    if request.method != "POST":
+        raise BadRequest("multipart/form-data uploads use POST")
+    return UploadPart(body, 0, None, True, _wrong_range)
+
+
+def _check_size(request: web.Request, controller: ImageController, part: UploadPart) -> None:
+    """413 for a body or an image (as the request declares it) larger than the server
+    takes, before a byte is read."""
     limit = controller.config.max_image_size
+    length = request.content_length
     if length is not None and length > limit:
         raise ImageTooLarge(f"the upload of {length} bytes exceeds the limit of {limit} bytes")
+    if part.total is not None and part.total > limit:
+        raise ImageTooLarge(
+            f"the image of {part.total} bytes (Upload-Length or the Content-Range total) "
+            f"exceeds the limit of {limit} bytes"
+        )
+
+
+def _checked_part(
+    request: web.Request, controller: ImageController, body: Reader = EMPTY
+) -> tuple[UploadPart, Object]:
+    """Everything about a request that can be checked before its body is read, in the
+    order of the answers: the token (404, 409, 410), the headers (400, 415), the sizes
+    (413), then whether the image takes this part now."""
+    controller.find_upload(request.match_info["token"])
+    part = _request_part(request, body)
+    _check_size(request, controller, part)
+    return part, _admit(request, controller, part)
 
 
 def _admit(request: web.Request, controller: ImageController, part: UploadPart) -> Object:
     """Checks a part before its body is read: its offset first (the answer says where to
-    continue), then that the image's length is known where it must be: ContainerRegistry
-    storage writes it before the first byte (411), and a tus upload ends when it is
-    reached (400)."""
+    continue), that its lengths agree with the upload's, then that the image's length is
+    known where it must be: ContainerRegistry storage writes it before the first byte
+    (411), and a tus upload ends when it is reached (400)."""
     obj = controller.check_part(request.match_info["token"], part)
     known = part.total
     if known is None and not part.whole:
         transfer = controller.transfer_of(key_of(obj))
         known = transfer.feed.total if transfer and transfer.feed else None
+        _check_body_fits(request, part.start, known)
     controller.storage.check_length(obj, known)
     if request.method == "PATCH" and known is None:
         raise BadRequest(
@@ -198,11 +267,7 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     is sent."""
     controller = _controller(request)
     try:
-        _check_size(request, controller)
-        if request.content_type != "multipart/form-data":
-            _admit(request, controller, _part(request))
-        else:
-            controller.find_upload(request.match_info["token"])
+        _checked_part(request, controller)
     except ApiError as exc:
         return status_response(exc.code, exc.reason, exc.message, exc.headers)
     except TransferError as exc:
@@ -222,9 +287,12 @@ def _upload_state(controller: ImageController, obj: Object) -> tuple[dict[str, o
     offset, length = controller.upload_offset(key), None
     if transfer is not None and transfer.feed is not None:
         length = transfer.feed.total
-    if status.get("phase") == READY:
-        offset = length = controller.store.received(key)
     state = {"phase": status.get("phase"), "offset": offset, "progress": status.get("progress", "")}
+    if status.get("phase") == READY:
+        # A client that finds the image Ready compares its file with what is stored.
+        state["offset"] = length = controller.store.received(key)
+        state["format"] = status.get("format")
+        state["checksum"] = status.get("checksum")
     return state, length
 
 
@@ -232,17 +300,9 @@ async def put(request: web.Request) -> web.StreamResponse:
     """PUT, POST and tus PATCH: one request's part of the image."""
     controller = _controller(request)
     token = request.match_info["token"]
-    controller.find_upload(token)  # a wrong token is 404 before anything else
-    _check_size(request, controller)
-    if request.content_type == "multipart/form-data":
-        if request.method != "POST":
-            raise BadRequest("multipart/form-data uploads use POST")
-        body = _RequestBody(request, _multipart_file(request))
-        part = UploadPart(body, 0, None, True, _wrong_range)
-    else:
-        body = _RequestBody(request)
-        part = _part(request, body)
-    obj = _admit(request, controller, part)
+    multipart = request.content_type == "multipart/form-data"
+    body = _RequestBody(request, _multipart_file(request) if multipart else None)
+    part, obj = _checked_part(request, controller, body)
     try:
         how, obj_after = await controller.receive(token, part)
     finally:
@@ -286,6 +346,7 @@ def _image_for(request: web.Request) -> Object:
     key = controller.tokens.find(token) or controller.ready_tokens.find(token)
     obj = controller.store.get(key) if key else None
     if obj is None:
+        controller.find_upload(token)  # 410 for the token of a failed image
         raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
     return obj
 

@@ -7,6 +7,16 @@ and the next `PUT` continues there with `Content-Range: bytes N-LAST/SIZE`. A fa
 waits longer each time; the count starts over whenever the server's offset moved on, so
 a long upload over a flaky link keeps going. Once the server has every byte, `GET` tells
 when it has finished the image. A pipe cannot be read twice: it is sent once, with no resume.
+
+Only what another try can fix is tried again: a connection that broke, a timeout, a proxy's
+502, 503 or 504 (and a 500 a couple of times). A wrong token or any other refusal, a server
+that cannot be reached on the first try, and a TLS error end the upload at once.
+
+The file's sha256 is computed while it goes up (uploader.filehash), the part sent by earlier
+tries or runs included, and the result tells it along with the server's answer, for the
+caller to compare with the image's. An image that is already Ready takes nothing: the result
+says so (`already`), and the file is hashed all the same. Standard input is hashed as it is
+read; when it finds the image Ready, the rest of it is read, unsent, for the hash.
 """
 
 from __future__ import annotations
@@ -15,14 +25,19 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
+import ssl
 import stat
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import aiohttp
 from multidict import CIMultiDictProxy
 from tqdm import tqdm
+
+from uploader.filehash import FileHasher, StreamHasher
 
 CHUNK = 1 << 20
 MAX_WAIT = 30.0  # the longest pause between tries, seconds (unless --retry-wait is longer)
@@ -31,6 +46,8 @@ FINISH_TIMEOUT = 600.0  # the server has every byte; it finishes the image withi
 POLL_INTERVAL = 1.0
 LOOK_TIMEOUT = aiohttp.ClientTimeout(total=30)  # HEAD and GET
 NETWORK_ERRORS = (TimeoutError, aiohttp.ClientError, OSError)
+PROXY_ERRORS = (502, 503, 504)  # a proxy or a server going down: worth the whole budget
+SERVER_ERROR_TRIES = 2  # a 500 is tried again this often, in case it passes
 
 EXIT_OK = 0
 EXIT_REFUSED = 1  # the server refused or failed the image; sending again will not help
@@ -44,8 +61,20 @@ class UploadFailed(Exception):
         self.exit_code = exit_code
 
 
+@dataclass
+class UploadResult:
+    answer: dict[str, Any]  # the server's last JSON answer: phase, offset, checksum...
+    sha256: str  # of the file, as read
+    already: bool  # the image was Ready before this run sent it anything
+
+
 class _Retry(Exception):
-    """A try failed in a way that sending again may help; the text says what happened."""
+    """A try failed in a way that sending again may help; the text says what happened.
+    `limit`: the most tries this failure is worth, when fewer than --retries."""
+
+    def __init__(self, message: str, limit: int | None = None) -> None:
+        super().__init__(message)
+        self.limit = limit
 
 
 async def upload(
@@ -53,11 +82,12 @@ async def upload(
     url: str,
     *,
     quiet: bool = False,
-    insecure: bool = False,
+    tls: ssl.SSLContext | None = None,
     retries: int = 10,
     retry_wait: float = 1.0,
-) -> dict:
-    """Sends the file, continuing after failures; returns the server's answer.
+) -> UploadResult:
+    """Sends the file, continuing after failures; returns the server's answer and the
+    file's sha256. `tls`: how to check the server's certificate (None: the system's CAs).
     Raises UploadFailed."""
     if not url.startswith(("http://", "https://")):
         raise UploadFailed(f"{url!r} is not an http:// or https:// URL", EXIT_REFUSED)
@@ -80,14 +110,19 @@ async def upload(
             file=sys.stderr,
         )
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=None)
-        connector = aiohttp.TCPConnector(ssl=False) if insecure else None
+        connector = aiohttp.TCPConnector(ssl=tls if tls is not None else True)
+        hasher = FileHasher(stream.fileno(), size) if size is not None else StreamHasher(stream)
         try:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
-                job = _Upload(session, url, path, stream, size, bar)
+                job = _Upload(session, url, path, stream, size, bar, hasher)
                 if size is None:
-                    return await job.send_once()
-                return await job.run(max(0, retries), max(0.0, retry_wait))
+                    answer = await job.send_once()
+                else:
+                    answer = await job.run(max(0, retries), max(0.0, retry_wait))
+            bar.close()
+            return UploadResult(answer, await job.sha256(), job.already)
         finally:
+            hasher.close()
             bar.close()
     finally:
         if not stdin:
@@ -103,6 +138,7 @@ class _Upload:
         stream: BinaryIO,
         size: int | None,
         bar: tqdm,
+        hasher: FileHasher | StreamHasher,
     ) -> None:
         self.session = session
         self.url = url
@@ -110,6 +146,7 @@ class _Upload:
         self.stream = stream
         self.size = size
         self.bar = bar
+        self.hasher = hasher
         self.file_state = _file_state(stream)
         self.offset: int | None = None  # what the server last said it has
         self.best = 0  # the most it ever said it has
@@ -118,6 +155,20 @@ class _Upload:
         self.sent = 0  # where in the file the connection of the PUT under way is
         self.deadline: asyncio.Timeout | None = None  # of the PUT under way
         self.timeout_reason = ""
+        self.reached = False  # whether the server ever answered in this run
+        self.already = False  # the image was Ready before this run sent it anything
+
+    async def sha256(self) -> str:
+        try:
+            if isinstance(self.hasher, FileHasher):
+                return await self.hasher.hexdigest()
+            if self.already:  # what was not sent still counts
+                return await self.hasher.hexdigest_of_the_rest()
+            return self.hasher.hexdigest()
+        except OSError as exc:
+            raise UploadFailed(
+                f"cannot read {self.path}: {exc.strerror or exc}", EXIT_REFUSED
+            ) from None
 
     # -- the whole upload -----------------------------------------------------------------
 
@@ -143,8 +194,10 @@ class _Upload:
 
     async def _attempt(self) -> dict:
         assert self.size is not None
+        first = not self.asked
         offset = await self._head()
         if offset == self.size and self.size > 0:
+            self.already = self.already or first
             return await self._wait_until_done()
         return await self._put(offset)
 
@@ -156,6 +209,8 @@ class _Upload:
         except _Retry:
             offset = None
         self.tries += 1
+        if failure.limit is not None:
+            retries = min(retries, failure.limit)
         if self.tries > retries:
             raise self._give_up(failure, retries)
         wait = min(retry_wait * 2 ** (self.tries - 1), max(MAX_WAIT, retry_wait))
@@ -207,6 +262,7 @@ class _Upload:
                 status, reason, headers = response.status, response.reason, response.headers
         except NETWORK_ERRORS as exc:
             raise self._network_failure("cannot reach the server", exc) from None
+        self.reached = True
         if status >= 300:
             text = "" if status >= 500 or status == 408 else await self._message_text()
             raise _answer_failure(status, reason, headers, text)
@@ -214,6 +270,12 @@ class _Upload:
         length = _header_int(headers, "Upload-Length", None)
         assert offset is not None and self.size is not None
         if (length is not None and length != self.size) or offset > self.size:
+            if (await self._look()).get("phase") == "Ready":
+                raise UploadFailed(
+                    f"the image is already Ready and holds another file: {length} bytes, "
+                    f"{self.path} has {self.size}",
+                    EXIT_REFUSED,
+                )
             raise UploadFailed(
                 f"the upload URL expects a different file: the server has {offset} bytes of "
                 f"{length if length is not None else 'an unknown number'}, "
@@ -231,12 +293,19 @@ class _Upload:
         except NETWORK_ERRORS:
             return ""
 
+    async def _look(self) -> dict[str, Any]:
+        """`GET`, for what it tells when it can: {} on any failure."""
+        try:
+            async with self.session.get(self.url, timeout=LOOK_TIMEOUT) as response:
+                return _json(await response.text()) if response.status == 200 else {}
+        except NETWORK_ERRORS:
+            return {}
+
     async def _put(self, offset: int) -> dict:
         """`PUT` of the file from `offset` to its end (a pipe: all of it)."""
         headers = {"Content-Type": "application/octet-stream"}
         if self.size is not None:
             self._check_file()
-            self.stream.seek(offset)
             self.sent = offset
             self._move_bar(offset)
             headers["Content-Length"] = str(self.size - offset)
@@ -253,6 +322,12 @@ class _Upload:
             self._check_file()
             what = f"connection lost at {_size(self.sent)}"
             raise self._network_failure(what, exc, self.timeout_reason) from None
+        self.reached = True
+        if response.status == 409 and "Upload-Offset" not in response.headers:
+            answer = await self._look()  # the image may be Ready: then nothing is missing
+            if answer.get("phase") == "Ready":
+                self.already = True
+                return answer
         if response.status >= 300:
             raise _answer_failure(response.status, response.reason, response.headers, text)
         if response.status == 204:  # the server took the bytes and waits for more
@@ -262,13 +337,12 @@ class _Upload:
     async def _body(self, offset: int) -> AsyncIterator[bytes]:
         """The file from `offset`, read as the connection takes it. A connection that
         takes nothing for STALL_TIMEOUT is given up; reading the file does not count."""
-        loop = asyncio.get_running_loop()
         left = None if self.size is None else self.size - offset
+        position = offset
         while left is None or left > 0:
             self._postpone(None)
-            chunk = await loop.run_in_executor(
-                None, self.stream.read, CHUNK if left is None else min(CHUNK, left)
-            )
+            chunk = await self._read(position, CHUNK if left is None else min(CHUNK, left))
+            position += len(chunk)
             if not chunk:
                 break  # the end of a pipe (a file that got shorter is caught by _check_file)
             self._postpone(STALL_TIMEOUT, f"the connection took no data for {STALL_TIMEOUT:g} s")
@@ -278,6 +352,16 @@ class _Upload:
             if left is not None:
                 left -= len(chunk)
         self._postpone(FINISH_TIMEOUT, f"no answer {FINISH_TIMEOUT:g} s after the last byte")
+
+    async def _read(self, position: int, size: int) -> bytes:
+        """A file is read by position (an earlier PUT's read may still be running), and
+        its hasher may follow up to there; a stream is read, and hashed, in order."""
+        if isinstance(self.hasher, StreamHasher):
+            return await self.hasher.read(size)
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(None, os.pread, self.stream.fileno(), size, position)
+        self.hasher.allow(position + len(data))
+        return data
 
     def _postpone(self, seconds: float | None, reason: str = "") -> None:
         """Moves the PUT's deadline to `seconds` from now (None: no deadline)."""
@@ -297,7 +381,7 @@ class _Upload:
                     if phase == "Ready":
                         return answer
                     if phase == "Failed":
-                        raise UploadFailed(f"the server failed the image: {answer}", EXIT_REFUSED)
+                        raise UploadFailed(_failed_image(answer), EXIT_REFUSED)
                     if phase == "WaitForUserUpload" and answer.get("offset", 0) < (self.size or 0):
                         raise _Retry(f"the server has only {answer.get('offset')} bytes")
                     await asyncio.sleep(POLL_INTERVAL)
@@ -312,6 +396,7 @@ class _Upload:
                 text = await response.text()
         except NETWORK_ERRORS as exc:
             raise self._network_failure("cannot reach the server", exc) from None
+        self.reached = True
         if response.status >= 300:
             raise _answer_failure(response.status, response.reason, response.headers, text)
         return _json(text)
@@ -319,9 +404,16 @@ class _Upload:
     def _network_failure(
         self, what: str, exc: BaseException, timeout_reason: str = "no answer"
     ) -> Exception:
-        if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        """_Retry, or UploadFailed for what another try cannot fix: TLS, and a server that
+        could not be reached at all in this run (a wrong port, a server that is not up)."""
+        if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
             return UploadFailed(
-                f"{what}: {exc} (-k/--insecure skips the certificate check)", EXIT_REFUSED
+                f"TLS error with {_origin(self.url)}: {_tls_reason(exc)}", EXIT_REFUSED
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError) and not self.reached:
+            reason = _os_reason(exc.os_error)
+            return UploadFailed(
+                f"cannot reach the server at {_origin(self.url)}: {reason}", EXIT_NETWORK
             )
         cause = exc.__cause__
         if isinstance(cause, OSError) and cause.strerror:
@@ -353,14 +445,54 @@ def _answer_failure(
     reason = answer.get("reason") or http_reason or ""
     message = answer.get("message") or text.strip()
     described = f"{status} {reason}: {message}" if message else f"{status} {reason}"
+    if status == 410:  # the image failed: its reason and message say why
+        return UploadFailed(_failed_image(answer), EXIT_REFUSED)
     if (
-        status >= 500
+        status in PROXY_ERRORS
         or status == 408
         or (status == 409 and ("in progress" in message or "shutting down" in message))
         or (status in (409, 416) and "Upload-Offset" in headers)
     ):
         return _Retry(f"the server answered {described}")
+    if status == 500:
+        return _Retry(f"the server answered {described}", limit=SERVER_ERROR_TRIES)
+    if status > 500:
+        return UploadFailed(f"the server failed ({described})", EXIT_REFUSED)
     return UploadFailed(f"upload refused ({described})", EXIT_REFUSED)
+
+
+def _failed_image(answer: dict[str, Any]) -> str:
+    """What a Failed image's answer says: its reason and message."""
+    reason = answer.get("reason") or "Failed"
+    message = answer.get("message") or "the server gives no reason"
+    return f"the image failed ({reason}): {message}"
+
+
+def _origin(url: str) -> str:
+    """`https://host:port` of a URL: its upload token stays out of messages about the
+    connection."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _os_reason(error: OSError) -> str:
+    """The reason as the system says it: "Connection refused", not asyncio's words."""
+    if isinstance(error, socket.gaierror) or not error.errno:
+        return error.strerror or str(error)
+    return os.strerror(error.errno)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    error = getattr(exc, "certificate_error", None) or exc
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"certificate verify failed: {error.verify_message or error.reason}; "
+            "--certificate-authority FILE trusts the server's CA, "
+            "-k/--insecure-skip-tls-verify skips the check"
+        )
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or error)
+    return " ".join(str(error).split())
 
 
 def _json(text: str) -> dict[str, Any]:

@@ -7,6 +7,17 @@ ever held whole in memory. Concatenated members/streams/frames are read one afte
 padding. Everything unwrapped is counted: a stream that expands past what any image within
 the limits can be (a compression bomb) stops with `ImageTooLarge` as soon as it crosses
 that line, after bounded work.
+
+Each frame, member, stream or block costs a fixed amount of work on top of its bytes, so a
+stream may begin only so many of them for the bytes it moves: `FREE_UNITS`, then one per
+`BYTES_PER_UNIT` (8 KiB) of compressed input plus unwrapped output. Compressors begin a
+new unit only after 64 KiB of output or more (bgzip: 64 KiB members; zstd and pzstd:
+128 KiB blocks, frames of MiBs; pbzip2: 900 kB streams; xz -T0: blocks of 1 MiB and up;
+gzip, pigz, bzip2, xz: one member, stream or few blocks), so real images, sparse ones too
+(their units are small in but large out), keep 8x or more below the bound; a stream of
+tiny units is refused (`InvalidImage`) after bounded work. The input is counted too, so
+a unit of incompressible data pays for itself whatever it unwraps to. Small output pieces
+are gathered within each `feed`, so tiny units do not cost a call downstream each.
 """
 
 from __future__ import annotations
@@ -34,6 +45,17 @@ ZSTD_MAX_WINDOW: Final = 128 * MiB
 
 # Metadata in a tar (pax records, GNU long names) larger than this is not a disk archive.
 TAR_MAX_METADATA: Final = 1 * MiB
+
+# Frames, members, streams and blocks a stream may begin before their number must be paid
+# for with bytes, and the bytes (compressed in plus unwrapped out) each further one needs.
+FREE_UNITS: Final = 1024
+BYTES_PER_UNIT: Final = 8 * 1024
+
+# Output pieces smaller than this are gathered (within one feed) before they go on.
+GATHER: Final = 256 * 1024
+# The first input slice of a new member: its decoder copies what follows its end
+# (`unused_data`), so a slice as large as INPUT_SLICE would cost that much per tiny member.
+FIRST_SLICE: Final = 4 * 1024
 
 
 class Stage(Protocol):
@@ -64,11 +86,15 @@ def _is_zero(data: Buffer) -> bool:
 
 class _Unwrapper:
     name: str
+    units_are: str  # what a unit of the format is, for messages
 
     def __init__(self, downstream: Stage, limits: Limits) -> None:
         self.downstream = downstream
         self.limit = max_unwrapped_size(limits)
+        self.consumed = 0
         self.produced = 0
+        self.units = 0
+        self._gathered = bytearray()
 
     def _emit(self, out: Buffer) -> None:
         if not out:
@@ -79,9 +105,36 @@ class _Unwrapper:
                 f"{self.name}: the stream expands to more than {self.limit} bytes, more than "
                 "any image within the size limit can take"
             )
-        self.downstream.feed(memoryview(out))
+        if len(out) >= GATHER:
+            self._pass_gathered()
+            self.downstream.feed(memoryview(out))
+            return
+        self._gathered += out
+        if len(self._gathered) >= GATHER:
+            self._pass_gathered()
+
+    def _pass_gathered(self) -> None:
+        """Hands on what was gathered (at the end of each feed: nothing stays between
+        feeds)."""
+        if self._gathered:
+            gathered, self._gathered = self._gathered, bytearray()
+            self.downstream.feed(memoryview(gathered))
+
+    def _begin_unit(self) -> None:
+        """A frame, member, stream or block begins: refused if the stream has begun more
+        of them than its bytes pay for (see the module's doc)."""
+        self.units += 1
+        allowed = FREE_UNITS + (self.consumed + self.produced) // BYTES_PER_UNIT
+        if self.units > allowed:
+            raise InvalidImage(
+                f"{self.name}: {self.units} {self.units_are} in the first {self.consumed} "
+                f"compressed bytes, which unwrap to {self.produced} bytes: no compressor "
+                f"makes units that small (at most {FREE_UNITS}, then one per "
+                f"{BYTES_PER_UNIT // 1024} KiB in and out, are taken)"
+            )
 
     def settle(self) -> None:
+        self._pass_gathered()
         self.downstream.settle()
 
     def close(self) -> None:
@@ -92,11 +145,14 @@ class _MemberDecompressor(_Unwrapper):
     """gzip and bzip2: a sequence of independent members, each with its own end, then
     optional zero padding."""
 
+    units_are = "members"
+
     def __init__(self, downstream: Stage, limits: Limits) -> None:
         super().__init__(downstream, limits)
         self._decoder: Any = None
         self._members = 0
         self._padding = False
+        self._slice = FIRST_SLICE
 
     def _new_decoder(self) -> Any:
         raise NotImplementedError
@@ -113,6 +169,7 @@ class _MemberDecompressor(_Unwrapper):
             raise InvalidImage(f"{self.name}: the compressed stream is corrupt: {exc}") from exc
 
     def feed(self, data: memoryview) -> None:
+        self.consumed += len(data)
         pos = 0
         n = len(data)
         while pos < n:
@@ -121,19 +178,23 @@ class _MemberDecompressor(_Unwrapper):
                     raise InvalidImage(
                         f"{self.name}: unexpected data after the end of the compressed stream"
                     )
-                return
+                break
             if self._decoder is None:
                 if self._members and data[pos] == 0:
                     self._padding = True
                     continue
+                self._begin_unit()
                 self._decoder = self._new_decoder()
-            end = min(n, pos + INPUT_SLICE)
+                self._slice = FIRST_SLICE
+            end = min(n, pos + self._slice)
+            self._slice = min(self._slice * 4, INPUT_SLICE)
             left = self._run(self._decoder, data[pos:end])
             if left >= 0:
                 self._decoder = None
                 self._members += 1
                 end -= left
             pos = end
+        self._pass_gathered()
 
     def finish(self) -> None:
         if self._decoder is not None or not self._members:
@@ -143,6 +204,7 @@ class _MemberDecompressor(_Unwrapper):
 
 class GzipReader(_MemberDecompressor):
     name = "gzip"
+    units_are = "members"
 
     def _new_decoder(self) -> Any:
         return zlib.decompressobj(wbits=31)
@@ -180,21 +242,25 @@ class XzReader(_Unwrapper):
     importer.formats.xz)."""
 
     name = "xz"
+    units_are = "streams and blocks"
 
     def __init__(self, downstream: Stage, limits: Limits) -> None:
         super().__init__(downstream, limits)
-        self._xz = XzDecoder(self._emit)
+        self._xz = XzDecoder(self._emit, on_unit=self._begin_unit)
 
     def feed(self, data: memoryview) -> None:
+        self.consumed += len(data)
         self._xz.feed(data)
+        self._pass_gathered()
 
     def finish(self) -> None:
         self._xz.finish()
+        self._pass_gathered()
         self.downstream.finish()
 
     def settle(self) -> None:
         self._xz.settle()
-        self.downstream.settle()
+        super().settle()
 
     def close(self) -> None:
         self._xz.close()
@@ -203,6 +269,7 @@ class XzReader(_Unwrapper):
 
 class Bzip2Reader(_BufferingReader):
     name = "bzip2"
+    units_are = "streams"
 
     def _new_decoder(self) -> Any:
         return bz2.BZ2Decompressor()
@@ -224,7 +291,9 @@ class ZstdFrames:
     most 128 KiB, so handing the decoder one piece at a time bounds what one call can
     produce, however much the data expands. Skippable frames are left out."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_unit: Callable[[], None] = lambda: None) -> None:
+        """`on_unit()` hears of each frame (skippable ones too) and block that begins."""
+        self.on_unit = on_unit
         self.state = _MAGIC
         self.header = bytearray()
         self.need = 4
@@ -279,6 +348,7 @@ class ZstdFrames:
             header = bytes(self.header)
             self.header.clear()
             if state == _MAGIC:
+                self.on_unit()
                 if header == ZSTD_MAGIC:
                     yield header, False
                     run = pos
@@ -307,6 +377,7 @@ class ZstdFrames:
                 block_size = value >> 3
                 if block_type == 3 or block_size > ZSTD_MAX_BLOCK:
                     raise InvalidImage(f"zstd: invalid block in frame {self.frames + 1}")
+                self.on_unit()
                 blocks += 1
                 self.state = _BLOCK_BODY
                 self.remaining = 1 if block_type == 1 else block_size
@@ -347,14 +418,20 @@ def _zstd_decompressor() -> zstandard.ZstdDecompressor:
 
 class ZstdReader(_Unwrapper):
     name = "zstd"
+    units_are = "frames and blocks"
 
     def __init__(self, downstream: Stage, limits: Limits) -> None:
         super().__init__(downstream, limits)
         self._context = _zstd_decompressor()
-        self._frames = ZstdFrames()
+        self._frames = ZstdFrames(self._begin_unit)
         self._decoder: zstandard.ZstdDecompressionObj | None = None
 
     def feed(self, data: memoryview) -> None:
+        self.consumed += len(data)
+        self._feed(data)
+        self._pass_gathered()
+
+    def _feed(self, data: memoryview) -> None:
         for piece, frame_ends in self._frames.split(data):
             if self._decoder is None:
                 self._decoder = self._context.decompressobj()

@@ -22,10 +22,12 @@ decoded the usual way holds liblzma's state, which cannot be saved.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import lzma
 import os
 import pickle
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +43,26 @@ MAX_BLOCK: Final = 32 * MiB  # uncompressed; xz -T0 at the default preset makes 
 MAX_IN_FLIGHT: Final = 2
 XZ_MEMORY_LIMIT: Final = 256 * MiB
 
+# Headers, indexes and padding are parsed from at most this much input at a time.
+PARSE_SLICE: Final = 64 * 1024
+# The first input slice of a stream decoded the usual way (see _start_sequential).
+FIRST_SLICE: Final = 4 * 1024
+
 _STREAM_START, _BLOCKS, _SEQUENTIAL, _PADDING = range(4)
+
+# Threads that decode blocks, shared by every decoder in the process: a decoder waiting for
+# its next bytes holds none.
+_block_pool: ThreadPoolExecutor | None = None
+_block_pool_lock = threading.Lock()
+
+
+def _block_workers() -> ThreadPoolExecutor:
+    global _block_pool
+    with _block_pool_lock:
+        if _block_pool is None:
+            workers = min(os.cpu_count() or 1, 4)
+            _block_pool = ThreadPoolExecutor(workers, thread_name_prefix="xz")
+        return _block_pool
 
 
 def check_size(check_type: int) -> int:
@@ -176,8 +197,12 @@ class XzDecoder:
         emit: Callable[[Buffer], None],
         workers: int | None = None,
         max_block: int = MAX_BLOCK,
+        on_unit: Callable[[], None] | None = None,
     ) -> None:
+        """`on_unit()` hears of each stream and each block (of a stream decoded block by
+        block) that begins."""
         self.emit = emit
+        self.on_unit = on_unit
         self.workers = workers if workers is not None else min(os.cpu_count() or 1, 4)
         self.max_block = max_block
         self.streams = 0
@@ -188,26 +213,33 @@ class XzDecoder:
         self._block: _Block | None = None
         self._records: list[tuple[int, int]] = []
         self._sequential: lzma.LZMADecompressor | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._slice = PIECE  # of input for the sequential decoder
         self._in_flight: collections.deque[Future[list[bytes]]] = collections.deque()
 
     # -- input --------------------------------------------------------------------------
 
     def feed(self, data: Buffer) -> None:
-        view = memoryview(data).cast("B")
-        while len(view):
-            if self._state == _SEQUENTIAL:
-                view = self._feed_sequential(view)
-            elif self._state == _BLOCKS and self._block is not None:
-                view = self._feed_block(view)
-            elif self._state == _PADDING:
-                view = self._feed_padding(view)
-            else:
-                self._pending += view
-                view = memoryview(b"")
-                rest = self._parse()
-                if rest:
-                    view = memoryview(rest)
+        # Views still to feed, the next one last. Headers are parsed from a bounded slice
+        # at a time: a stream of tiny streams or blocks must not cost a copy of the rest of
+        # the input each.
+        views = [memoryview(data).cast("B")]
+        while views:
+            view = views.pop()
+            while len(view):
+                if self._state == _SEQUENTIAL:
+                    view = self._feed_sequential(view)
+                elif self._state == _BLOCKS and self._block is not None:
+                    view = self._feed_block(view)
+                elif self._state == _PADDING:
+                    view = self._feed_padding(view)
+                else:
+                    self._pending += view[:PARSE_SLICE]
+                    view = view[PARSE_SLICE:]
+                    rest = self._parse()
+                    if rest:
+                        if len(view):
+                            views.append(view)
+                        view = memoryview(rest)
 
     def finish(self) -> None:
         if self._state == _PADDING and not self._pending:
@@ -220,22 +252,21 @@ class XzDecoder:
         self._drain(0)
 
     def __getstate__(self) -> dict[str, object]:
-        """For a snapshot, after `settle()`; the worker threads are made again as needed."""
+        """For a snapshot, after `settle()`."""
         if self._in_flight:
             raise RuntimeError("the xz decoder has blocks in flight: settle() it first")
-        return {**self.__dict__, "_executor": None, "_in_flight": None}
+        return {**self.__dict__, "_in_flight": None}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._in_flight = collections.deque()
 
     def close(self) -> None:
+        """Drops the blocks in flight; returns once none of them is decoded any more."""
         for future in self._in_flight:
             future.cancel()
+        concurrent.futures.wait(self._in_flight)
         self._in_flight.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
 
     # -- parsing ------------------------------------------------------------------------
 
@@ -258,7 +289,9 @@ class XzDecoder:
                     if block is None:
                         return b""
                     if block is False or block.uncompressed > self.max_block:
+                        self._begin_unit()
                         return self._start_sequential()
+                self._begin_unit()
                 self._state = _BLOCKS
                 self._records = []
                 del self._pending[:STREAM_HEADER_SIZE]
@@ -275,6 +308,7 @@ class XzDecoder:
             block = self._block_header(0)
             if block is None:
                 return b""
+            self._begin_unit()
             if block is False:
                 raise InvalidImage(
                     "xz: a block without its sizes follows blocks with sizes; this server "
@@ -363,9 +397,16 @@ class XzDecoder:
         self._state = _PADDING
         return True
 
+    def _begin_unit(self) -> None:
+        if self.on_unit is not None:
+            self.on_unit()
+
     def _start_sequential(self) -> bytes:
         self._state = _SEQUENTIAL
         self._sequential = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMORY_LIMIT)
+        # liblzma copies the input after a stream's end (`unused_data`): small slices first,
+        # so that a tiny stream does not cost a copy of a whole piece.
+        self._slice = FIRST_SLICE
         self._drain(0)
         rest = bytes(self._pending)
         self._pending.clear()
@@ -386,21 +427,27 @@ class XzDecoder:
     def _feed_sequential(self, view: memoryview) -> memoryview:
         decoder = self._sequential
         assert decoder is not None
-        self._pass_through(decoder, view[:PIECE])
-        consumed = min(len(view), PIECE)
+        consumed = min(len(view), self._slice)
+        self._slice = min(self._slice * 4, PIECE)
+        self._pass_through(decoder, view[:consumed])
         if not decoder.eof:
             return view[consumed:]
         self._sequential = None
         self.streams += 1
         self._state = _PADDING
-        leftover = decoder.unused_data
-        return memoryview(leftover + bytes(view[consumed:]))
+        # What followed the stream's end in the slice is still in `view`.
+        return view[consumed - len(decoder.unused_data) :]
 
     def _feed_padding(self, view: memoryview) -> memoryview:
         """Zero bytes between and after streams; anything else starts the next stream."""
-        zeros = len(view) - len(bytes(view).lstrip(b"\x00"))
-        if zeros == len(view):
-            return view[len(view) :]
+        if view[0] != 0:
+            self._state = _STREAM_START
+            self._pending.clear()
+            return view
+        head = bytes(view[:PARSE_SLICE])
+        zeros = len(head) - len(head.lstrip(b"\x00"))
+        if zeros == len(head):
+            return view[zeros:]
         self._state = _STREAM_START
         self._pending.clear()
         return view[zeros:]
@@ -413,10 +460,8 @@ class XzDecoder:
         if self.workers <= 1:
             self._emit_all(_decode_block(stream, block.uncompressed))
             return
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="xz")
         self._drain(MAX_IN_FLIGHT - 1)
-        self._in_flight.append(self._executor.submit(_decode_block, stream, block.uncompressed))
+        self._in_flight.append(_block_workers().submit(_decode_block, stream, block.uncompressed))
         self.parallel_blocks += 1
 
     def _drain(self, keep: int) -> None:

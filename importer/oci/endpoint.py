@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 from yarl import URL
 
+from importer.netguard import refusal_in
 from importer.oci.errors import RegistryError, error_from_exception
 
 if TYPE_CHECKING:
@@ -139,6 +140,8 @@ async def choose_url(
     except aiohttp.ClientConnectorCertificateError as exc:
         raise error_from_exception(what, where, exc) from None
     except _CONNECTION_FAILURES as exc:
+        if refusal_in(exc) is not None:  # plain HTTP would go to the same address
+            raise error_from_exception(what, where, exc) from None
         https_failure = _detail(where, exc)
     if not (insecure or is_loopback(endpoint.host)):
         raise RegistryError(

@@ -9,6 +9,7 @@ from types import TracebackType
 
 from yarl import URL
 
+from importer.netguard import AddressGuard
 from importer.oci.auth import Credentials
 from importer.oci.errors import RegistryError
 from importer.oci.reference import check_repository
@@ -45,6 +46,8 @@ class RegistryClient:
     is then reached over HTTPS, or plain HTTP where importer/oci/endpoint.py allows it,
     decided on the first request (or by `resolve_endpoint()`).
     `io_timeout` bounds every wait for the registry: an answer, or room to send more data.
+    `guard` (importer/netguard.py) limits where it connects: set for registries users name,
+    not for the server's own DVCR.
     """
 
     def __init__(
@@ -56,6 +59,7 @@ class RegistryClient:
         insecure: bool = False,
         io_timeout: float = DEFAULT_IO_TIMEOUT,
         upload_queue_items: int = QUEUE_ITEMS,
+        guard: AddressGuard | None = None,
     ) -> None:
         self._transport = Transport(
             base_url,
@@ -63,6 +67,7 @@ class RegistryClient:
             ca_bundle=ca_bundle,
             insecure=insecure,
             io_timeout=io_timeout,
+            guard=guard,
         )
         self._upload_queue_items = upload_queue_items
 

@@ -2,7 +2,8 @@
 
 The base may be a name without a scheme (`host:port`): the scheme is then decided on the
 first request, by the rule of importer/oci/endpoint.py (HTTPS, or plain HTTP after a
-connection failure on a loopback or insecure registry)."""
+connection failure on a loopback or insecure registry). With a `guard`
+(importer/netguard.py), every connection of the session goes only where it allows."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from importer.netguard import AddressGuard
 from importer.oci.auth import Credentials
 from importer.oci.challenge import parse_challenges
 from importer.oci.endpoint import Endpoint, choose_url
@@ -55,8 +57,10 @@ class Transport:
         ca_bundle: bytes | None,
         insecure: bool,
         io_timeout: float,
+        guard: AddressGuard | None = None,
     ) -> None:
         self.endpoint = Endpoint.parse(base_url)
+        self._guard = guard
         # Until the scheme of a name without one is decided, this is its https:// URL.
         self.base_url = self.endpoint.url
         self.io_timeout = io_timeout
@@ -69,8 +73,13 @@ class Transport:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
+            connector = (
+                self._guard.connector(ssl=self._tls)
+                if self._guard is not None
+                else aiohttp.TCPConnector(ssl=self._tls)
+            )
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(ssl=self._tls),
+                connector=connector,
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     connect=CONNECT_TIMEOUT,

@@ -7,8 +7,8 @@ ends. The registry is reached by the rule of importer/oci/endpoint.py (HTTPS; pl
 only for a loopback or insecure registry, or when the image is written `http://host/...`).
 
 Errors: whatever keeps the image from being read (connection, TLS, 401/403, a missing tag
-or manifest) is SourceUnreachable, with the registry's answer in the message; an image that
-is not a containerDisk, or is corrupt, is InvalidImage.
+or manifest, an address the `guard` refuses) is SourceUnreachable, with the registry's
+answer in the message; an image that is not a containerDisk, or is corrupt, is InvalidImage.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from importer.errors import SourceUnreachable
+from importer.netguard import AddressGuard
 from importer.oci.auth import Credentials
 from importer.oci.disklayer import DiskFile
 from importer.oci.errors import RegistryError
@@ -49,10 +50,12 @@ def open_container_image(
     ca_bundle: bytes | None = None,
     insecure: bool = False,
     platform: str = DEFAULT_PLATFORM,
+    guard: AddressGuard | None = None,
 ) -> AbstractAsyncContextManager[DiskFile]:
     """The disk file of a containerDisk image (`host[:port]/repo:tag`, `...@sha256:...`);
-    `platform` picks the manifest of an index or manifest list."""
-    return _open(image, credentials, ca_bundle, insecure, platform)
+    `platform` picks the manifest of an index or manifest list; `guard` limits where the
+    registry client connects (token servers and blob redirects included)."""
+    return _open(image, credentials, ca_bundle, insecure, platform, guard)
 
 
 @asynccontextmanager
@@ -62,12 +65,13 @@ async def _open(
     ca_bundle: bytes | None,
     insecure: bool,
     platform: str,
+    guard: AddressGuard | None,
 ) -> AsyncIterator[DiskFile]:
     reference, endpoint = parse_image(image)
     wanted = Platform.parse(platform)
     try:
         client = RegistryClient(
-            endpoint, credentials=credentials, ca_bundle=ca_bundle, insecure=insecure
+            endpoint, credentials=credentials, ca_bundle=ca_bundle, insecure=insecure, guard=guard
         )
     except RegistryError as exc:
         raise SourceUnreachable(f"pulling {image}: {exc.message}") from None

@@ -29,6 +29,11 @@ download gives, whatever happens on the way:
 
 Compression stays off (`Accept-Encoding: identity`, nothing decoded): the bytes are the
 file as served, and offsets in Range requests are offsets in those bytes.
+
+With a `guard` (importer/netguard.py), every connection, redirects and continuations
+included, goes only where its policy allows; a refused address ends the download at once
+with `SourceUnreachable`. Credentials in the URL (`user:pass@`) are sent, never shown:
+messages and logs name the URL without them.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from types import TracebackType
 import aiohttp
 
 from importer.errors import SourceUnreachable, StartOver
+from importer.netguard import AddressGuard, refusal_in
 from importer.sources.reader import Reader
 from importer.sources.transportbody import TransportBody, body_reader
+from importer.urlredact import redact_url, redact_urls_in
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +121,11 @@ class HttpSource:
         backoff: float = 0.5,
         connect_timeout: float = 30,
         read_timeout: float = 300,
+        guard: AddressGuard | None = None,
     ) -> None:
         self.url = url
+        self.shown_url = redact_url(url)  # what messages and logs name
+        self._guard = guard
         self.retries = retries
         self.backoff = backoff
         self._ssl = ssl_context(ca_bundle, insecure)
@@ -138,9 +148,14 @@ class HttpSource:
         self._failures = 0  # failed attempts in a row
 
     async def __aenter__(self) -> HttpSource:
+        connector = (
+            self._guard.connector(ssl=self._ssl)
+            if self._guard is not None
+            else aiohttp.TCPConnector(ssl=self._ssl)
+        )
         self._session = aiohttp.ClientSession(
             timeout=self._timeout,
-            connector=aiohttp.TCPConnector(ssl=self._ssl),
+            connector=connector,
             auto_decompress=False,
             read_bufsize=READ_BUFSIZE,
         )
@@ -198,7 +213,7 @@ class HttpSource:
                 return 0  # every byte is in (perhaps the end of the message was lost)
             if self.length is not None and self._received > self.length:
                 raise SourceUnreachable(
-                    f"{self.url} sent more than the {self.length} bytes it announced"
+                    f"{self.shown_url} sent more than the {self.length} bytes it announced"
                 )
             await self._continue(cause)
 
@@ -240,7 +255,7 @@ class HttpSource:
 
     def _changed(self, cause: str, why: str) -> SourceChanged:
         return SourceChanged(
-            f"the download of {self.url} stopped at byte {self._received} ({cause}) and "
+            f"the download of {self.shown_url} stopped at byte {self._received} ({cause}) and "
             f"cannot be continued: {why}; starting over"
         )
 
@@ -249,11 +264,11 @@ class HttpSource:
         if self._failures > self.retries:
             attempts = "1 attempt" if self._failures == 1 else f"{self._failures} attempts"
             at = f" at byte {offset}" if offset else ""
-            raise SourceUnreachable(f"gave up on {self.url}{at} after {attempts}: {cause}")
+            raise SourceUnreachable(f"gave up on {self.shown_url}{at} after {attempts}: {cause}")
         delay = min(self.backoff * 2 ** (self._failures - 1), MAX_BACKOFF)
         log.info(
             "%s: %s; trying again at byte %d in %.1f s (retry %d of %d)",
-            self.url,
+            self.shown_url,
             cause,
             offset,
             delay,
@@ -285,21 +300,24 @@ class HttpSource:
             # Content-Range check catch a redirect to a different file.
             response = await self._session.get(self.url, headers=headers)
         except aiohttp.ClientSSLError as exc:
-            raise SourceUnreachable(f"TLS with {self.url} failed: {_describe(exc)}") from None
+            raise SourceUnreachable(f"TLS with {self.shown_url} failed: {_describe(exc)}") from None
         except _TRANSIENT as exc:
-            raise _Retry(f"cannot reach {self.url}: {_describe(exc)}") from None
+            refused = refusal_in(exc)
+            if refused is not None:
+                raise SourceUnreachable(f"cannot reach {self.shown_url}: {refused}") from None
+            raise _Retry(f"cannot reach {self.shown_url}: {_describe(exc)}") from None
         except aiohttp.ClientError as exc:  # invalid URL, too many redirects, bad answer
-            raise SourceUnreachable(f"cannot download {self.url}: {_describe(exc)}") from None
+            raise SourceUnreachable(f"cannot download {self.shown_url}: {_describe(exc)}") from None
         status = f"{response.status} {response.reason or ''}".strip()
         if response.status in RETRY_STATUSES:
             response.close()
-            raise _Retry(f"{self.url} answered {status}")
+            raise _Retry(f"{self.shown_url} answered {status}")
         if offset is not None and response.status in (412, 416):
             response.close()
             raise self._changed(f"continuing at {offset}", f"the server answered {status}")
         if response.status >= 400:
             response.close()
-            raise SourceUnreachable(f"{self.url} answered {status}")
+            raise SourceUnreachable(f"{self.shown_url} answered {status}")
         if offset is not None:
             try:
                 self._check_continuation(response, offset, status)
@@ -359,6 +377,7 @@ def _body_of(response: aiohttp.ClientResponse) -> Reader:
 
 
 def _describe(exc: BaseException) -> str:
-    """The exception's message, or its type when it has none (timeouts)."""
+    """The exception's message, or its type when it has none (timeouts), without the
+    credentials of any URL it quotes."""
     text = str(exc)
-    return text if text else type(exc).__name__
+    return redact_urls_in(text) if text else type(exc).__name__

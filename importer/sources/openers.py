@@ -1,6 +1,8 @@
 """Each kind of source as a SourceOpener: what a transfer opens (again, if it starts over).
 
-The server's imports and the importer job open their sources through these.
+The server's imports and the importer job open their sources through these. A `guard`
+(importer/netguard.py) limits where HTTP and registry sources may connect; the server
+passes its own, the importer job none.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from urllib.parse import urlparse
 
+from importer.netguard import AddressGuard
 from importer.oci.auth import Credentials
 from importer.oci.disklayer import DiskFile
 from importer.sources.container_image import open_container_image
@@ -19,10 +22,15 @@ from importer.sources.http import HttpSource
 from importer.transfer import OpenedSource, SourceOpener
 
 
-def http_source(url: str, ca_bundle: bytes | None = None, insecure: bool = False) -> SourceOpener:
+def http_source(
+    url: str,
+    ca_bundle: bytes | None = None,
+    insecure: bool = False,
+    guard: AddressGuard | None = None,
+) -> SourceOpener:
     @contextlib.asynccontextmanager
     async def opened() -> AsyncIterator[OpenedSource]:
-        async with HttpSource(url, ca_bundle, insecure=insecure) as http:
+        async with HttpSource(url, ca_bundle, insecure=insecure, guard=guard) as http:
             yield OpenedSource(http, http.length, urlparse(url).path)
 
     return opened
@@ -47,10 +55,11 @@ def container_image_source(
     credentials: Credentials | None = None,
     ca_bundle: bytes | None = None,
     insecure: bool = False,
+    guard: AddressGuard | None = None,
 ) -> SourceOpener:
     return disk_file_source(
         lambda: open_container_image(
-            image, credentials=credentials, ca_bundle=ca_bundle, insecure=insecure
+            image, credentials=credentials, ca_bundle=ca_bundle, insecure=insecure, guard=guard
         )
     )
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 import weakref
+from collections.abc import Callable
 
 import pytest
 
-from importer.lanethreads import LaneThreads
+from importer.lanethreads import LanePool, LaneThreads
 
 
 class Recorder:
@@ -73,3 +76,86 @@ async def test_a_done_block_is_not_kept_by_the_threads() -> None:
     del block
     assert gone() is None
     threads.end()
+
+
+class Watched(Recorder):
+    """A lane that notes each OS thread it ran on, and whether two ever ran it at once."""
+
+    def __init__(self, name: str, delay: float = 0.0) -> None:
+        super().__init__(name)
+        self.delay = delay
+        self.idents: set[int] = set()
+        self.inside = 0
+        self.overlapped = False
+
+    def update(self, data: memoryview) -> None:
+        self.inside += 1
+        self.overlapped |= self.inside > 1
+        self.idents.add(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        super().update(data)
+        self.inside -= 1
+
+
+async def test_many_lanes_on_a_pool_of_two_threads_all_complete_in_order() -> None:
+    pool = LanePool(2)
+    lanes = [Watched(f"l{i}", delay=0.001 if i % 5 == 0 else 0.0) for i in range(24)]
+    transfers = [LaneThreads(lanes[i : i + 3], pool) for i in range(0, len(lanes), 3)]
+    blocks = [bytes([i]) * 100 for i in range(40)]
+    batches = [t.update(memoryview(block)) for block in blocks for t in transfers]
+    batches += [t.finish() for t in transfers]
+    await asyncio.gather(*(batch.wait() for batch in batches))
+    for lane in lanes:
+        assert lane.seen == blocks
+        assert lane.finished
+        assert not lane.overlapped
+    assert len(set().union(*(lane.idents for lane in lanes))) <= 2
+    assert pool.threads <= 2
+
+
+async def test_a_lane_is_drained_by_one_worker_at_a_time() -> None:
+    """Four workers, one lane fed faster than it works: never two workers on it at once."""
+    pool = LanePool(4)
+    lane = Watched("slow", delay=0.002)
+    others = [Watched(f"o{i}") for i in range(3)]
+    threads = LaneThreads([lane, *others], pool)
+    blocks = [bytes([i]) * 10 for i in range(60)]
+    batches = [threads.update(memoryview(block)) for block in blocks]
+    await asyncio.gather(*(batch.wait() for batch in batches))
+    assert lane.seen == blocks
+    assert not lane.overlapped
+
+
+async def test_idle_workers_end_and_come_back() -> None:
+    pool = LanePool(3, idle_exit=0.1)
+    threads = LaneThreads([Recorder("a"), Recorder("b")], pool)
+    await threads.update(memoryview(b"x")).wait()
+    assert 1 <= pool.threads <= 2
+    assert await eventually(lambda: pool.threads == 0)
+    await threads.update(memoryview(b"y")).wait()  # new workers for new jobs
+    await threads.finish().wait()
+    assert await eventually(lambda: pool.draining == 0)
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def test_stop_skips_what_is_queued() -> None:
+    pool = LanePool(1)
+    lane = Watched("slow", delay=0.05)
+    threads = LaneThreads([lane], pool)
+    batches = [threads.update(memoryview(bytes([i]))) for i in range(10)]
+    await asyncio.sleep(0.02)  # the first job runs
+    await asyncio.to_thread(threads.stop)
+    assert len(lane.seen) <= 2
+    for batch in batches:
+        await batch.wait()  # every batch is done, the skipped ones too
+    with pytest.raises(RuntimeError):
+        threads.update(memoryview(b"late"))

@@ -6,12 +6,14 @@ import asyncio
 import hashlib
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from importer import lanethreads
 from importer.errors import BadImageChecksum, ImageTooLarge, InvalidImage
 from importer.formats.base import ImageInfo
+from importer.lanethreads import LanePool
 from importer.pipeline import Checkpoint, Pipeline, PipelineOptions, TransferResult
 
 
@@ -77,11 +79,33 @@ async def test_every_byte_reaches_the_sink_in_order(chunk: int) -> None:
     assert all(name.startswith("lane-memory") for name in sink.threads)
 
 
-async def test_empty_source() -> None:
+async def test_an_empty_source_is_no_image() -> None:
     sink = MemorySink()
-    result = await Pipeline(sink, PipelineOptions()).run(chunks(b"", 1))
-    assert result.received_bytes == 0
-    assert result.checksums["sha256"] == hashlib.sha256(b"").hexdigest()
+    with pytest.raises(InvalidImage, match="empty"):
+        await Pipeline(sink, PipelineOptions()).run(chunks(b"", 1))
+    assert sink.aborted
+    assert sink.committed is None
+
+
+async def test_a_source_shorter_than_announced_is_no_image() -> None:
+    sink = MemorySink()
+    options = PipelineOptions(expected_length=3 << 20)
+    with pytest.raises(InvalidImage, match=f"after {2 << 20} of the {3 << 20} bytes"):
+        await Pipeline(sink, options).run(chunks(os.urandom(2 << 20), 65536))
+    assert sink.aborted
+
+
+async def test_an_empty_disk_is_no_image() -> None:
+    """Bytes arrived, but the disk they make is empty (a format whose virtual size is 0)."""
+
+    class EmptyDisk(MemorySink):
+        def image_info(self) -> ImageInfo:
+            return ImageInfo("qcow2", 0)
+
+    sink = EmptyDisk()
+    with pytest.raises(InvalidImage, match="empty disk"):
+        await Pipeline(sink, PipelineOptions()).run(chunks(os.urandom(4096), 4096))
+    assert sink.committed is None
 
 
 async def test_checksum_mismatch_aborts() -> None:
@@ -162,6 +186,51 @@ async def test_a_waiting_source_leaves_the_transfer_one_buffer() -> None:
     assert waiting == 1
     assert bytes(sink.data) == data
     assert result.checksums["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def two_lane_threads() -> Iterator[LanePool]:
+    """The process-wide lane pool, bounded to two threads for the test."""
+    lanethreads.configure(2)
+    try:
+        yield lanethreads.shared_pool()
+    finally:
+        lanethreads.configure(lanethreads.DEFAULT_MAX_THREADS)
+
+
+async def test_waiting_transfers_hold_no_thread(two_lane_threads: LanePool) -> None:
+    """Ten transfers (three lanes each) whose sources wait, as parked uploads do: no lane
+    holds a thread meanwhile, the process has no more threads than the pool's two, and
+    every transfer completes once its bytes flow again."""
+    pool = two_lane_threads
+    before = threading.active_count()
+    block = 1 << 20
+    go_on = asyncio.Event()
+    data = [os.urandom(3 * block + i) for i in range(10)]
+    delivered = 0
+
+    async def source(image: bytes) -> AsyncIterator[bytes]:
+        nonlocal delivered
+        yield image[: 2 * block]
+        delivered += 1
+        await go_on.wait()
+        yield image[2 * block :]
+
+    sinks = [MemorySink() for _ in data]
+    options = PipelineOptions(algorithms=("sha256", "md5"), block_size=block, depth=2)
+    tasks = [
+        asyncio.create_task(Pipeline(sink, options).run(source(image)))
+        for sink, image in zip(sinks, data, strict=True)
+    ]
+    while delivered < len(data) or pool.draining:
+        await asyncio.sleep(0.01)
+    assert pool.threads <= 2
+    assert threading.active_count() <= before + 2
+    go_on.set()
+    results = await asyncio.gather(*tasks)
+    for sink, image, result in zip(sinks, data, results, strict=True):
+        assert bytes(sink.data) == image
+        assert result.checksums["md5"] == hashlib.md5(image).hexdigest()
 
 
 async def test_cancellation_waits_for_lanes_and_aborts() -> None:

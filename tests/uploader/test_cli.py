@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import yaml
 from diskimages import MiB
+from flakyhttp import closed_port
 from serverproc import Server
+
+from uploader.cli import build_parser, main
+from uploader.config import ServerConfig
 
 SOME_IMAGE = """\
 apiVersion: virtualization.deckhouse.io/v1alpha2
@@ -27,6 +35,13 @@ spec:
 """
 
 
+def _env(server: Server) -> dict[str, str]:
+    env = {**os.environ, "DVCR_SERVER": server.url}
+    if server.token is not None:
+        env["DVCR_TOKEN"] = server.token
+    return env
+
+
 def cli(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "uploader.cli", *args],
@@ -34,11 +49,36 @@ def cli(server: Server, *args: str, stdin: str | None = None) -> subprocess.Comp
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "DVCR_SERVER": server.url},
+        env=_env(server),
     )
 
 
-def test_seed_upload_walkthrough(server: Server, tmp_path: Path) -> None:
+@pytest.fixture(params=["loopback", "every address, DVCR_TOKEN"])
+def walk_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    """The walk-through's server: on loopback, open; on every address, with the admin token
+    it writes on its first start."""
+    if request.param == "loopback":
+        srv = Server(tmp_path / "data").start()
+    else:
+        srv = Server(tmp_path / "data", host="0.0.0.0").start()
+        srv.token = (srv.data_dir / "admin.token").read_text().strip()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_seed_upload_walkthrough(walk_server: Server, tmp_path: Path) -> None:
+    server = walk_server
+    if server.token is not None:
+        refused = subprocess.run(
+            [sys.executable, "-m", "uploader.cli", "--server", server.url, "get", "vi"],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("DVCR_")},
+        )
+        assert refused.returncode == 1
+        assert "Unauthorized" in refused.stderr
     applied = cli(server, "apply", "-f", "-", stdin=SOME_IMAGE)
     assert applied.returncode == 0, applied.stderr
     assert applied.stdout == "virtualimage.virtualization.deckhouse.io/some-image created\n"
@@ -61,6 +101,7 @@ def test_seed_upload_walkthrough(server: Server, tmp_path: Path) -> None:
         ],
         stdout=subprocess.PIPE,
         text=True,
+        env=_env(server),
     )
     assert watch.stdout is not None
     first_rows = [watch.stdout.readline(), watch.stdout.readline()]
@@ -176,3 +217,179 @@ def test_unknown_resource_and_unreachable_server(server: Server) -> None:
     )
     assert out.returncode == 1
     assert "cannot reach the server" in out.stderr
+
+
+# -- mistakes: one line, no traceback ----------------------------------------------------------
+
+
+def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command with no server behind --server: these mistakes are found before it
+    would be asked anything."""
+    return subprocess.run(
+        [sys.executable, "-m", "uploader.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "DVCR_SERVER": f"http://127.0.0.1:{closed_port()}", **env},
+    )
+
+
+@pytest.mark.parametrize(
+    ("stdin", "message"),
+    [
+        ("a: [1, 2\n", "error: error parsing standard input: line 2, column 1: "),
+        ("", "error: no objects passed to apply"),
+        ("# nothing but a comment\n---\n", "error: no objects passed to apply"),
+        ("- 1\n- 2\n", "error: standard input: document 1 is not an object"),
+        ("kind: List\nitems: [3]\n", "error: standard input: document 1 is not an object"),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n",
+            'error: no matches for kind "Pod" in version "v1"',
+        ),
+        ("kind: [VirtualImage]\n", "error: no matches for kind \"['VirtualImage']\""),
+    ],
+)
+def test_apply_input_mistakes_are_one_line(stdin: str, message: str) -> None:
+    out = run_cli("apply", "-f", "-", stdin=stdin)
+    assert out.returncode == 1
+    assert out.stdout == ""
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith(message), out.stderr
+
+
+def test_apply_path_mistakes_are_one_line(tmp_path: Path) -> None:
+    missing = run_cli("apply", "-f", str(tmp_path / "nope.yaml"))
+    assert (missing.returncode, missing.stderr) == (
+        1,
+        f'error: the path "{tmp_path / "nope.yaml"}" does not exist\n',
+    )
+    directory = run_cli("apply", "-f", str(tmp_path))
+    assert directory.returncode == 1
+    assert directory.stderr.startswith(f'error: the path "{tmp_path}" is a directory')
+    assert len(directory.stderr.splitlines()) == 1
+    binary = tmp_path / "image.raw"
+    binary.write_bytes(b"\xff\xfe\x00" * 10)
+    undecodable = run_cli("apply", "-f", str(binary))
+    assert (undecodable.returncode, undecodable.stderr) == (
+        1,
+        f"error: {binary} is not UTF-8 text\n",
+    )
+
+
+def test_unreachable_server_is_one_line() -> None:
+    port = closed_port()
+    out = run_cli("get", "vi", DVCR_SERVER=f"http://127.0.0.1:{port}")
+    assert out.returncode == 1
+    assert out.stderr == (
+        f"error: cannot reach the server at http://127.0.0.1:{port}: Connection refused\n"
+    )
+    apply = run_cli("apply", "-f", "-", stdin=SOME_IMAGE, DVCR_SERVER=f"http://127.0.0.1:{port}")
+    assert apply.returncode == 1
+    assert apply.stderr.startswith("error: cannot reach the server at ")
+    assert len(apply.stderr.splitlines()) == 1
+    bad_url = run_cli("--server", "localhost:8444", "get", "vi")
+    assert bad_url.returncode == 1
+    assert bad_url.stderr == (
+        "error: the server URL 'localhost:8444' is not an http:// or https:// URL\n"
+    )
+
+
+def test_unknown_words_and_flags() -> None:
+    word = run_cli("describe", "pods", "x")
+    assert (word.returncode, word.stderr) == (
+        1,
+        'error: the server doesn\'t have a resource type "pods"\n',
+    )
+    flag = run_cli("get", "vi", "--colour")
+    assert flag.returncode == 2  # argparse's usage error
+    assert flag.stderr.splitlines()[-1] == "dvcr-uploader: error: unrecognized arguments: --colour"
+    assert "Traceback" not in flag.stderr
+
+
+def test_version() -> None:
+    out = run_cli("--version")
+    assert out.returncode == 0
+    assert out.stdout == f"dvcr-uploader {importlib.metadata.version('dvcr-uploader')}\n"
+
+
+def test_serve_help_has_only_server_flags() -> None:
+    text = run_cli("serve", "--help").stdout
+    for server_flag in ("--listen", "--api-listen", "--api-token-file", "--import-allow"):
+        assert server_flag in text
+    for client_flag in ("--server", "--namespace", "--token", "--certificate-authority"):
+        assert client_flag not in text
+    get_help = run_cli("get", "--help").stdout
+    for client_flag in ("--server", "--token", "--insecure-skip-tls-verify"):
+        assert client_flag in get_help
+
+
+def test_every_flag_has_help() -> None:
+    parser = build_parser()
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers = {"": parser, **commands.choices}
+    missing = [
+        f"{name} {action.dest}"
+        for name, each in parsers.items()
+        for action in each._actions
+        if not isinstance(action, argparse._SubParsersAction)
+        and (not action.help or action.help == argparse.SUPPRESS)
+    ]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--api-listen", "8444"], "argument --api-listen: '8444' is not HOST:PORT"),
+        (["--listen", "0.0.0.0:99999"], "argument --listen: '0.0.0.0:99999' is not HOST:PORT"),
+        (["--import-allow", "10.0.0.300/8"], "argument --import-allow: '10.0.0.300/8' is not"),
+        (["--lane-threads", "0"], "argument --lane-threads: '0' is not a whole number"),
+        (["--max-images", "lots"], "argument --max-images: 'lots' is not a whole number"),
+        (["--header-timeout", "soon"], "argument --header-timeout: 'soon' is not a duration"),
+        (
+            ["--api-token-file", "/nonexistent/t"],
+            "argument --api-token-file: /nonexistent/t: no such",
+        ),
+    ],
+)
+def test_serve_flags_are_checked_before_it_starts(flags: list[str], message: str) -> None:
+    out = run_cli("serve", "--data-dir", "/nonexistent/data", *flags)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1].startswith("dvcr-uploader serve: error: " + message)
+
+
+def test_serve_flags_make_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import uploader.app
+
+    tokens = tmp_path / "tokens.yaml"
+    tokens.write_text("tokens: []\n")
+    made: list[ServerConfig] = []
+
+    async def run_server(config: ServerConfig) -> None:
+        made.append(config)
+
+    monkeypatch.setattr(uploader.app, "run_server", run_server)
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # this test process keeps its loop
+    flags = [
+        "serve",
+        "--api-listen=127.0.0.1:9444",
+        f"--api-token-file={tokens}",
+        "--import-allow=10.1.2.3/8",
+        "--import-allow=fd00::1",
+        "--header-timeout=1m",
+        "--max-images-per-namespace=7",
+        "--max-images=70",
+        "--lane-threads=3",
+    ]
+    assert main(flags) == 0
+    [config] = made
+    assert config.api_listen == "127.0.0.1:9444"
+    assert config.api_token_file == tokens
+    assert config.import_allow == ("10.0.0.0/8", "fd00::1/128")
+    assert config.header_timeout == 60
+    assert (config.max_images_per_namespace, config.max_images, config.lane_threads) == (7, 70, 3)
+    assert main(["serve"]) == 0
+    defaults = made[-1]
+    assert defaults.api_listen is None and defaults.import_allow == ()
+    assert defaults.header_timeout == 30

@@ -741,8 +741,9 @@ def test_an_image_nobody_uploads_to_fails_after_the_wait_timeout(tmp_path: Path)
         obj = server.wait_phase("forgotten", ("Failed",), timeout=35)
         assert time.monotonic() - started < 35
         assert condition(obj)["reason"] == "WaitForUserUploadTimeout"
-        assert curl("-I", url).code == 404
-        assert send_from(image, url, 0).code == 404
+        assert curl("-I", url).code == 410
+        answer = send_from(image, url, 0)
+        assert (answer.code, answer.body["reason"]) == (410, "WaitForUserUploadTimeout")
         # An upload that runs longer than the timeout is not failed by it.
         assert slow.communicate(timeout=60)[0] == b"200"
         obj = server.get("slow")

@@ -197,8 +197,9 @@ def test_checksum_mismatch_fails_and_leaves_no_data(server: Server, tmp_path: Pa
     assert status["conditions"][0]["reason"] == "BadImageChecksum"
     claim = server.claim_dir("bad")
     assert not claim.exists() or list(claim.iterdir()) == []
-    # The token is dead once the image Failed.
-    assert curl("-T", str(image), url)[0] == 404
+    # The upload URL of the failed image says why it failed.
+    code, body = curl("-T", str(image), url)
+    assert (code, body["reason"]) == (410, "BadImageChecksum")
 
 
 def test_md5_and_sha256_verified_when_both_given(server: Server, tmp_path: Path) -> None:

@@ -7,12 +7,13 @@ import gzip
 import io
 import lzma
 import random
+import subprocess
 import sys
 import tarfile
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,8 @@ from hypothesis import strategies as st
 from importer.errors import ImageTooLarge, InvalidImage, TransferError
 from importer.formats.base import Limits
 from importer.formats.unwrap import (
+    BYTES_PER_UNIT,
+    FREE_UNITS,
     PIECE,
     TarReader,
     parse_pax_records,
@@ -223,6 +226,125 @@ class _Counter(Collect):
     def feed(self, data: memoryview) -> None:
         self.largest = max(self.largest, len(data))
         self.received += len(data)
+
+
+# -- streams of tiny units (frames, members, streams, blocks) ------------------------------
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def _tiny_units() -> dict[str, tuple[str, bytes]]:
+    """4 MiB of units that each carry next to nothing: the cost is all per unit."""
+    one = b"x"
+    return {
+        "zstd-frames": ("zstd", zstandard.ZstdCompressor(write_content_size=False).compress(one)),
+        # One frame (128 MiB window) of empty raw blocks, then its last block.
+        "zstd-blocks": ("zstd", _ZSTD_MAGIC + b"\x00\x88" + b"\x00\x00\x00" * 1_400_000),
+        "zstd-skippable": ("zstd", b"\x50\x2a\x4d\x18\x00\x00\x00\x00"),
+        "gzip-members": ("gzip", gzip.compress(one, mtime=0)),
+        "bzip2-streams": ("bzip2", bz2.compress(one)),
+        "xz-streams": ("xz", lzma.compress(one)),
+        "xz-empty-streams": ("xz", lzma.compress(b"")),  # header, empty index, footer
+    }
+
+
+def _repeat_to(unit: bytes, size: int) -> bytes:
+    return unit * (size // len(unit)) if len(unit) < size else unit
+
+
+@pytest.mark.parametrize("name", list(_tiny_units()))
+def test_a_stream_of_tiny_units_is_refused_early(name: str) -> None:
+    """Refused at the first unit past the bound, long before the 4 MiB are through."""
+    kind, unit = _tiny_units()[name]
+    data = _repeat_to(unit, 4 * MiB)
+    if name == "zstd-skippable":
+        data = zstandard.ZstdCompressor().compress(b"disk") + data
+    counter = _Counter()
+    stage = unwrapper(kind, counter, Limits())
+    fed = 0
+    with pytest.raises(InvalidImage, match=f"{kind}: .* no compressor makes units that small"):
+        for pos in range(0, len(data), 256 * 1024):
+            stage.feed(memoryview(data)[pos : pos + 256 * 1024])
+            fed += 1
+        stage.finish()
+    assert fed <= 1  # refused within the first 512 KiB
+    assert stage.units <= FREE_UNITS + 2 * (512 * 1024) // BYTES_PER_UNIT  # type: ignore[attr-defined]
+
+
+def test_many_small_pieces_go_on_gathered() -> None:
+    """Members of 4 KiB each arrive downstream in few large pieces, not one per member."""
+    rnd = random.Random(3)
+    members = [rnd.randbytes(4096) for _ in range(200)]
+    counter = _Counter()
+    calls = 0
+    original = counter.feed
+
+    def counting(data: memoryview) -> None:
+        nonlocal calls
+        calls += 1
+        original(data)
+
+    counter.feed = counting  # type: ignore[method-assign]
+    stage = unwrapper("gzip", counter, Limits())
+    stage.feed(memoryview(b"".join(gzip.compress(m, mtime=0) for m in members)))
+    stage.finish()
+    assert counter.received == 200 * 4096
+    assert calls <= 4
+
+
+# -- what real compressors make stays far below the bound ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sparse_disk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 MiB, mostly zeros with some data: the units of sparse images are the smallest."""
+    path = tmp_path_factory.mktemp("tools") / "disk.img"
+    rnd = random.Random(5)
+    with path.open("wb") as f:
+        for i in range(64):
+            f.write(rnd.randbytes(64 * 1024) + bytes(960 * 1024) if i % 16 == 0 else bytes(MiB))
+    return path
+
+
+def _tool(*argv: str) -> Callable[[Path], bytes]:
+    return lambda path: subprocess.run([*argv, str(path)], check=True, capture_output=True).stdout
+
+
+def _in_chunks(compress: Callable[[bytes], bytes], chunk: int) -> Callable[[Path], bytes]:
+    """One member or stream per `chunk` of input, as bgzip (65280 bytes per BGZF block) and
+    pbzip2 (900 kB per stream) write them."""
+    return lambda path: b"".join(compress(block) for block in _chunks(path.read_bytes(), chunk))
+
+
+def _chunks(data: bytes, size: int) -> Iterator[bytes]:
+    for pos in range(0, len(data), size):
+        yield data[pos : pos + size]
+
+
+REAL_COMPRESSORS: dict[str, tuple[str, Callable[[Path], bytes]]] = {
+    "zstd -T0": ("zstd", _tool("zstd", "-q", "-T0", "-c")),
+    "pzstd": ("zstd", _tool("pzstd", "-q", "-c")),
+    "xz -T0": ("xz", _tool("xz", "-T0", "-c")),
+    "xz -T0 -0": ("xz", _tool("xz", "-T0", "-0", "-c")),
+    "gzip": ("gzip", _tool("gzip", "-c")),
+    "bzip2": ("bzip2", _tool("bzip2", "-c")),
+    "bgzip layout": ("gzip", _in_chunks(lambda b: gzip.compress(b, mtime=0), 65280)),
+    "pbzip2 layout": ("bzip2", _in_chunks(bz2.compress, 900_000)),
+}
+
+
+@pytest.mark.parametrize("tool", list(REAL_COMPRESSORS))
+def test_real_compressors_stay_far_below_the_unit_bound(tool: str, sparse_disk: Path) -> None:
+    kind, compress = REAL_COMPRESSORS[tool]
+    data = compress(sparse_disk)
+    counter = _Counter()
+    stage = unwrapper(kind, counter, Limits())
+    for pos in range(0, len(data), 2 * MiB):
+        stage.feed(memoryview(data)[pos : pos + 2 * MiB])
+    stage.finish()
+    assert counter.received == sparse_disk.stat().st_size
+    bytes_per_unit = (stage.consumed + stage.produced) / stage.units  # type: ignore[attr-defined]
+    assert bytes_per_unit >= 8 * BYTES_PER_UNIT
 
 
 def test_zstd_decompress_exactly() -> None:
