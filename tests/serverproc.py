@@ -179,17 +179,24 @@ class Server:
         raise AssertionError("no VmRSS")
 
 
-def curl(*args: str, stdin: bytes | None = None) -> tuple[int, dict]:
-    """Runs curl; returns (HTTP code, parsed JSON body)."""
+def curl_sent(*args: str, stdin: bytes | None = None) -> tuple[int, dict, int]:
+    """Runs curl; returns (HTTP code, parsed JSON body, bytes of the body curl sent)."""
     out = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code}", *args],
+        ["curl", "-sS", "-w", "\n%{http_code} %{size_upload}", *args],
         input=stdin,
         capture_output=True,
         check=True,
         timeout=300,
     ).stdout.decode()
-    body, _, code = out.rpartition("\n")
-    return int(code), json.loads(body) if body.strip() else {}
+    body, _, tail = out.rpartition("\n")
+    code, sent = tail.split()
+    return int(code), json.loads(body) if body.strip() else {}, int(sent)
+
+
+def curl(*args: str, stdin: bytes | None = None) -> tuple[int, dict]:
+    """Runs curl; returns (HTTP code, parsed JSON body)."""
+    code, body, _ = curl_sent(*args, stdin=stdin)
+    return code, body
 
 
 def background_upload(path: Path, url: str, rate: str | None = None) -> subprocess.Popen[bytes]:

@@ -114,6 +114,10 @@ async def upload(
         hasher = FileHasher(stream.fileno(), size) if size is not None else StreamHasher(stream)
         try:
             async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+                # aiohttp before 3.14.5 sends a PUT again by itself when its connection
+                # breaks, with the rest of a body already partly sent as the whole body:
+                # the server would take the wrong bytes at the offset. Every try is ours.
+                session._retry_connection = False
                 job = _Upload(session, url, path, stream, size, bar, hasher)
                 if size is None:
                     answer = await job.send_once()

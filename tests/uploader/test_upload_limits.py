@@ -5,7 +5,6 @@ refused before the body moves, and a failed image's upload URL says why it faile
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -13,23 +12,9 @@ from pathlib import Path
 
 import pytest
 from diskimages import MiB
-from serverproc import Server, curl, head_offset, manifest
+from serverproc import Server, curl, curl_sent, head_offset, manifest
 
 STORAGES = ["PersistentVolumeClaim", "ContainerRegistry"]
-
-
-def curl_sent(*args: str, stdin: bytes | None = None) -> tuple[int, dict, int]:
-    """Runs curl; returns (HTTP code, parsed JSON body, bytes of the body curl sent)."""
-    out = subprocess.run(
-        ["curl", "-sS", "-w", "\n%{http_code} %{size_upload}", *args],
-        input=stdin,
-        capture_output=True,
-        check=True,
-        timeout=120,
-    ).stdout.decode()
-    body, _, tail = out.rpartition("\n")
-    code, sent = tail.split()
-    return int(code), json.loads(body) if body.strip() else {}, int(sent)
 
 
 def phase_of(server: Server, name: str) -> str:
