@@ -1,4 +1,4 @@
-"""`dvcr-importer`: one import per run, for in-cluster pods (CONTRACT section 6).
+"""`dvcr-importer`: one import per run, for in-cluster pods (README: "The importer job").
 
 Configured by flags or by Deckhouse's importer environment; serves /metrics while it runs;
 writes a JSON termination message at the end; exits 0 on success, 1 when the import

@@ -1,4 +1,4 @@
-"""Who may use the control API (CONTRACT section 7).
+"""Who may use the control API (README: "Access, and what the server refuses").
 
 The API is open only while every listener is on loopback and no token file is given: then
 only this machine reaches it. Otherwise each request under `/apis/` and `/metrics` carries

@@ -86,11 +86,6 @@ class Gone(ApiError):
             self.reason = reason
 
 
-class LengthRequired(ApiError):
-    code = 411
-    reason = "LengthRequired"
-
-
 class RangeNotSatisfiable(ApiError):
     code = 416
     reason = "RequestedRangeNotSatisfiable"

@@ -1,4 +1,4 @@
-"""The upload URLs: `/upload/{token}` (CONTRACT section 3).
+"""The upload URLs: `/upload/{token}` (README: "API").
 
 The token is checked when the request starts, before `100 Continue` is sent, so a
 mistyped URL is refused before a single byte of a big body moves.

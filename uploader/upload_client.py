@@ -1,5 +1,5 @@
 """`dvcr-uploader upload FILE URL`: send a file to an upload URL with a progress bar, and
-carry on where the server stopped when the connection breaks (CONTRACT section 3).
+carry on where the server stopped when the connection breaks (README: "When the connection drops").
 
 A file goes up with `PUT`. When the connection fails, or the server answers that sending
 again may help, `HEAD` tells how many bytes the server has safely taken (`Upload-Offset`)
