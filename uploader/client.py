@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import ssl
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from uploader.credentials import HOW_TO_GIVE_A_TOKEN, Credentials
+from uploader.credentials import HOW_TO_GIVE_A_TOKEN, Credentials, describe_tls_error
 from uploader.resources import GROUP, VERSION, Kind
 
 Object = dict[str, Any]
@@ -116,15 +115,10 @@ class ApiClient:
 
     def _unreachable(self, exc: BaseException) -> ClientError:
         reason: Any = getattr(exc, "reason", None) or exc
-        if isinstance(reason, ssl.SSLCertVerificationError):
-            reason = (
-                f"TLS: certificate verify failed: {reason.verify_message or reason.reason}; "
-                "--certificate-authority FILE "
-                "trusts the server's CA, --insecure-skip-tls-verify skips the check"
-            )
-        elif isinstance(reason, ssl.SSLError):
-            reason = f"TLS: {reason.reason or reason}"
-        if isinstance(reason, OSError) and reason.strerror:
+        tls = describe_tls_error(reason)
+        if tls is not None:
+            reason = f"TLS: {tls}"
+        elif isinstance(reason, OSError) and reason.strerror:
             reason = reason.strerror  # "Connection refused", without "[Errno 111]"
         text = " ".join(str(reason).split()) or type(exc).__name__
         return ClientError(f"cannot reach the server at {self.server}: {text}")

@@ -77,3 +77,17 @@ def resolve_credentials(
                 f"the token from {source} has characters a bearer token cannot have"
             )
     return Credentials(token or None, source, ca_file, insecure)
+
+
+def describe_tls_error(error: BaseException) -> str | None:
+    """What a TLS failure was, with how to put a certificate problem right; None for an
+    error that is not TLS's."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"certificate verify failed: {error.verify_message or error.reason}; "
+            "--certificate-authority FILE trusts the server's CA, "
+            "--insecure-skip-tls-verify skips the check"
+        )
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or error)
+    return None

@@ -37,6 +37,7 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from tqdm import tqdm
 
+from uploader.credentials import describe_tls_error
 from uploader.filehash import FileHasher, StreamHasher
 
 CHUNK = 1 << 20
@@ -488,15 +489,7 @@ def _os_reason(error: OSError) -> str:
 
 def _tls_reason(exc: BaseException) -> str:
     error = getattr(exc, "certificate_error", None) or exc
-    if isinstance(error, ssl.SSLCertVerificationError):
-        return (
-            f"certificate verify failed: {error.verify_message or error.reason}; "
-            "--certificate-authority FILE trusts the server's CA, "
-            "-k/--insecure-skip-tls-verify skips the check"
-        )
-    if isinstance(error, ssl.SSLError):
-        return str(error.reason or error)
-    return " ".join(str(error).split())
+    return describe_tls_error(error) or " ".join(str(error).split())
 
 
 def _json(text: str) -> dict[str, Any]:
