@@ -220,6 +220,14 @@ class AddressGuard:
         )
 
 
+def connector(guard: AddressGuard | None, **options: Any) -> aiohttp.TCPConnector:
+    """A TCPConnector (`options` as its own) that goes only where `guard` allows, or
+    anywhere without one."""
+    if guard is None:
+        return aiohttp.TCPConnector(**options)
+    return guard.connector(**options)
+
+
 class GuardedResolver(AbstractResolver):
     """The default resolver, keeping only the addresses the guard allows."""
 

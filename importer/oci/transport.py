@@ -17,7 +17,7 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
-from importer.netguard import AddressGuard
+from importer.netguard import AddressGuard, connector
 from importer.oci.auth import Credentials
 from importer.oci.challenge import parse_challenges
 from importer.oci.endpoint import Endpoint, choose_url
@@ -73,13 +73,8 @@ class Transport:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = (
-                self._guard.connector(ssl=self._tls)
-                if self._guard is not None
-                else aiohttp.TCPConnector(ssl=self._tls)
-            )
             self._session = aiohttp.ClientSession(
-                connector=connector,
+                connector=connector(self._guard, ssl=self._tls),
                 timeout=aiohttp.ClientTimeout(
                     total=None,
                     connect=CONNECT_TIMEOUT,

@@ -47,7 +47,7 @@ from types import TracebackType
 import aiohttp
 
 from importer.errors import SourceUnreachable, StartOver
-from importer.netguard import AddressGuard, refusal_in
+from importer.netguard import AddressGuard, connector, refusal_in
 from importer.sources.reader import Reader
 from importer.sources.transportbody import TransportBody, body_reader
 from importer.urlredact import redact_url, redact_urls_in
@@ -148,14 +148,9 @@ class HttpSource:
         self._failures = 0  # failed attempts in a row
 
     async def __aenter__(self) -> HttpSource:
-        connector = (
-            self._guard.connector(ssl=self._ssl)
-            if self._guard is not None
-            else aiohttp.TCPConnector(ssl=self._ssl)
-        )
         self._session = aiohttp.ClientSession(
             timeout=self._timeout,
-            connector=connector,
+            connector=connector(self._guard, ssl=self._ssl),
             auto_decompress=False,
             read_bufsize=READ_BUFSIZE,
         )
