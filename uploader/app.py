@@ -11,7 +11,7 @@ import re
 import signal
 import socket
 import ssl
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -91,10 +91,7 @@ class ServerApps:
     uploads: web.Application
     api: web.Application | None
     controller: ImageController
-    store: Store
-    access: AccessControl
     metrics: Metrics
-    runners: list[web.AppRunner] = field(default_factory=list)
 
 
 def _new_app(access: AccessControl | None, metrics: Metrics) -> web.Application:
@@ -135,17 +132,12 @@ def build_apps(config: ServerConfig, access: AccessControl) -> ServerApps:
 
     uploads.on_shutdown.append(stop_transfers)
     uploads.on_cleanup.append(close)
-    return ServerApps(uploads, api_app, controller, store, access, metrics)
+    return ServerApps(uploads, api_app, controller, metrics)
 
 
 def metrics_app(metrics: Metrics, access: AccessControl) -> web.Application:
-    app = web.Application(
-        middlewares=[head_received_middleware, error_middleware, access_middleware]
-    )
-    app[ACCESS] = access
-    app[METRICS] = metrics
+    app = _new_app(access, metrics)
     app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
     return app
 
 

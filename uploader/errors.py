@@ -96,9 +96,8 @@ class Invalid(ApiError):
     reason = "Invalid"
 
 
-class TooManyImages(ApiError):
-    code = 403
-    reason = "Forbidden"
+class TooManyImages(Forbidden):
+    """A quota of the server (images per namespace, or in all) is reached."""
 
 
 class InsufficientStorage(ApiError):

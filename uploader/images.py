@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from importer.errors import Suspended, TransferError, TransferInterrupted
+from importer.errors import ProvisioningFailed, Suspended, TransferError, TransferInterrupted
 from importer.metrics import Metrics
 from importer.pipeline import Checkpoint, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress, format_quantity
@@ -37,7 +37,7 @@ from uploader.errors import (
     TooManyImages,
 )
 from uploader.feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
-from uploader.resources import Kind, validate_manifest
+from uploader.resources import Kind, ready_condition, validate_manifest
 from uploader.sources import ImportPlan, SourceNotReady, SourcePlanner
 from uploader.storage import KeptOnStop, Storage, spill_files_of, uses_pvc
 from uploader.store import Object, Store, key_of
@@ -199,17 +199,18 @@ class ImageController:
 
     def _fail_recovery(self, obj: Object, error: Exception) -> None:
         key = key_of(obj)
-        self.tokens.remove(key)
-        token = self._token_of(obj)
-        if token:
-            self.failed_tokens.add(token, key)
         self._resumable.pop(key, None)
         if obj.get("status", {}).get("phase") == TERMINATING:
+            self.tokens.remove(key)
             with contextlib.suppress(Exception):
                 self.store.delete(key)  # its data may stay behind; the log says why
             return
-        message = f"the server could not bring the image back after a restart: {error}"
-        self._set_phase(obj, FAILED, "ProvisioningFailed", message)
+        self._fail(
+            obj,
+            ProvisioningFailed(
+                f"the server could not bring the image back after a restart: {error}"
+            ),
+        )
         with contextlib.suppress(Exception):
             self.store.save(obj)
 
@@ -222,7 +223,8 @@ class ImageController:
             for obj in self.store.all():
                 if obj["status"].get("phase") != WAIT_FOR_UPLOAD or key_of(obj) in self.transfers:
                     continue
-                ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+                ready = ready_condition(obj["status"])
+                assert ready is not None  # every phase change sets it
                 since = datetime.strptime(ready["lastTransitionTime"], RFC3339).replace(tzinfo=UTC)
                 if (now - since).total_seconds() >= timeout:
                     self._fail(
@@ -497,10 +499,8 @@ class ImageController:
             failed = self.store.get(failed_key) if failed_key is not None else None
             # A replaced spec gives the image a new token: the old one is merely unknown.
             if failed is not None and self._token_of(failed) == token:
-                status = failed["status"]
-                conditions = status.get("conditions", [])
-                why = next((c for c in conditions if c.get("type") == "Ready"), None)
-                if status.get("phase") == FAILED and why is not None:
+                why = ready_condition(failed["status"])
+                if failed["status"].get("phase") == FAILED and why is not None:
                     raise Gone(why["message"], why["reason"])
             raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
         obj = self.store.get(key)
@@ -936,11 +936,10 @@ class ImageController:
         status = obj.setdefault("status", {})
         status["phase"] = phase
         ready = "True" if phase == READY else "False"
-        conditions = status.setdefault("conditions", [])
-        current = next((c for c in conditions if c.get("type") == "Ready"), None)
+        current = ready_condition(status)
         if current is None:
             current = {"type": "Ready"}
-            conditions.append(current)
+            status.setdefault("conditions", []).append(current)
         if current.get("status") != ready or current.get("reason") != reason:
             current["lastTransitionTime"] = now_rfc3339()
         current.update(status=ready, reason=reason, message=message)

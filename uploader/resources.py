@@ -86,6 +86,11 @@ CLUSTER_VIRTUAL_IMAGE = Kind("ClusterVirtualImage", "clustervirtualimages", "cvi
 KINDS = {k.name: k for k in (VIRTUAL_IMAGE, CLUSTER_VIRTUAL_IMAGE)}
 
 
+def ready_condition(status: dict[str, Any]) -> dict[str, Any] | None:
+    """The Ready condition of an image's status, which carries its phase's reason."""
+    return next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), None)
+
+
 def kind_for_word(word: str) -> Kind | None:
     """`vi`, `virtualimage`, `virtualimages`, `virtualimage.virtualization.deckhouse.io`."""
     word = word.lower().removesuffix(f".{GROUP}")

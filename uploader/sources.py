@@ -42,6 +42,7 @@ from uploader.resources import (
     DEFAULT_SECRET_NAMESPACE,
     KINDS,
     Kind,
+    ready_condition,
     source_namespace,
     validate_manifest,
 )
@@ -173,7 +174,7 @@ class SourcePlanner:
         status = source["status"]
         phase = status.get("phase")
         if phase == FAILED:
-            condition = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+            condition = ready_condition(status) or {}
             raise SourceUnreachable(
                 f"the source {what} failed: {condition.get('reason')}: {condition.get('message')}"
             )
