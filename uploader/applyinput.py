@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from uploader.quoting import yaml_problem
+
 
 class ManifestError(Exception):
     pass
@@ -21,7 +23,7 @@ def load_documents(filename: str) -> list[dict[str, Any]]:
     try:
         loaded = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as exc:
-        raise ManifestError(f"error parsing {_name(filename)}: {_one_line(exc)}") from None
+        raise ManifestError(f"error parsing {_name(filename)}: {yaml_problem(exc)}") from None
     docs: list[dict[str, Any]] = []
     for number, doc in enumerate(loaded, 1):
         items = doc.get("items") if isinstance(doc, dict) and doc.get("kind") == "List" else [doc]
@@ -59,14 +61,3 @@ def _read(filename: str) -> str:
 
 def _name(filename: str) -> str:
     return "standard input" if filename == "-" else filename
-
-
-def _one_line(exc: yaml.YAMLError) -> str:
-    """PyYAML's message without its excerpt of the text, on one line."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None)
-    if problem and mark is not None:
-        context = getattr(exc, "context", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}"
-        return f"{where}: {problem}" + (f" ({context})" if context else "")
-    return " ".join(str(exc).split())

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from uploader.errors import BadRequest
-from uploader.quoting import cut
+from uploader.quoting import cut, yaml_problem
 
 MAX_MANIFEST_SIZE = 1 << 20
 MAX_DEPTH = 32
@@ -45,7 +45,7 @@ def parse_manifest_text(text: str, content_type: str = "") -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
-        raise BadRequest(f"the body is neither JSON nor YAML: {_yaml_problem(exc)}") from None
+        raise _not_yaml(exc) from None
 
 
 def _parse_json(text: str) -> Any:
@@ -98,19 +98,15 @@ def _check_yaml_events(text: str) -> None:
     except yaml.YAMLError as exc:
         if "nesting depth" in str(exc):  # libyaml's own bound, met before the events come
             raise BadRequest(f"the manifest is nested deeper than {MAX_DEPTH} levels") from None
-        raise BadRequest(f"the body is neither JSON nor YAML: {_yaml_problem(exc)}") from None
+        raise _not_yaml(exc) from None
     if documents == 0:
         raise BadRequest("the manifest is empty")
     if documents > 1:
         raise BadRequest(f"the body holds {documents} YAML documents; send one object")
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None)
-    if problem and mark is not None:
-        return _quote(f"{problem} at line {mark.line + 1}, column {mark.column + 1}")
-    return _quote(str(exc))
+def _not_yaml(exc: yaml.YAMLError) -> BadRequest:
+    return BadRequest(f"the body is neither JSON nor YAML: {cut(yaml_problem(exc))}")
 
 
 def _quote(text: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import yaml
+
 MAX_QUOTED = 200
 
 
@@ -19,3 +21,15 @@ def quoted(value: Any) -> str:
     if isinstance(value, str):
         return f'"{cut(value)}"'
     return cut(json.dumps(value, default=str))
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's message on one line, where it is and what is wrong, without its excerpt of
+    the text."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if problem and mark is not None:
+        context = getattr(exc, "context", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        return f"{where}: {problem}" + (f" ({context})" if context else "")
+    return " ".join(str(exc).split())
