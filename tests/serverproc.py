@@ -96,6 +96,12 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def restart(self, sig: int = signal.SIGTERM) -> None:
         self.stop(sig)
         self.start()

@@ -47,11 +47,8 @@ def guarded(tmp_path: Path) -> Iterator[Server]:
             {"user": "nat", "token": NARROW_ADMIN, "role": "admin", "namespaces": ["team-a"]},
         ],
     )
-    srv = Server(tmp_path / "data", "--api-token-file", str(tokens)).start()
-    try:
+    with Server(tmp_path / "data", "--api-token-file", str(tokens)).start() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def _as(server: Server, token: str | None, method: str, path: str, body: Any = None):
@@ -164,8 +161,7 @@ def test_sighup_reads_the_token_file_again(guarded: Server, tmp_path: Path) -> N
 
 
 def test_beyond_loopback_the_server_writes_an_admin_token_once(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data", host="0.0.0.0").start()
-    try:
+    with Server(tmp_path / "data", host="0.0.0.0").start() as srv:
         path = srv.data_dir / "admin.token"
         token = path.read_text().strip()
         assert len(token) >= 40
@@ -179,8 +175,6 @@ def test_beyond_loopback_the_server_writes_an_admin_token_once(tmp_path: Path) -
         log = srv.log_path.read_text()
         assert str(path.resolve()) in log
         assert token not in log
-    finally:
-        srv.stop()
 
 
 def test_api_listen_puts_the_api_on_its_own_listener(tmp_path: Path) -> None:

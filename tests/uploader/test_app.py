@@ -56,8 +56,7 @@ def test_the_access_log_escapes_control_characters(server: Server) -> None:
 
 
 def test_a_connection_that_trickles_its_head_is_closed(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data", "--header-timeout", "1").start()
-    try:
+    with Server(tmp_path / "data", "--header-timeout", "1").start() as srv:
         slow = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(20)]
         for conn in slow:
             conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -78,8 +77,6 @@ def test_a_connection_that_trickles_its_head_is_closed(tmp_path: Path) -> None:
                 conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert conn.recv(4096).startswith(b"HTTP/1.1 200")
                 time.sleep(0.3)
-    finally:
-        srv.stop()
 
 
 def test_a_bound_socket_refuses_connections_until_the_server_listens() -> None:
@@ -129,8 +126,7 @@ def test_one_image_that_cannot_be_recovered_fails_alone(tmp_path: Path) -> None:
     store.close()
     (data / "pvc").mkdir()
     (data / "pvc" / "blocked").write_text("not a directory")
-    srv = Server(data).start()
-    try:
+    with Server(data).start() as srv:
         broken = srv.get("broken", namespace="blocked")
         ready = broken["status"]["conditions"][0]
         assert (broken["status"]["phase"], ready["reason"]) == ("Failed", "ProvisioningFailed")
@@ -141,13 +137,12 @@ def test_one_image_that_cannot_be_recovered_fails_alone(tmp_path: Path) -> None:
         srv.wait_gone("n" * 253)
         assert srv.call("DELETE", srv.images_path("blocked", "broken"))[0] == 200
         srv.create(manifest("after"))
-    finally:
-        srv.stop()
 
 
 def test_quotas_per_namespace_and_in_total(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data", "--max-images-per-namespace", "2", "--max-images", "3").start()
-    try:
+    with Server(
+        tmp_path / "data", "--max-images-per-namespace", "2", "--max-images", "3"
+    ).start() as srv:
         srv.create(manifest("a1"), namespace="a")
         srv.create(manifest("a2"), namespace="a")
         code, status = srv.call("POST", srv.images_path("a"), manifest("a3"))
@@ -160,5 +155,3 @@ def test_quotas_per_namespace_and_in_total(tmp_path: Path) -> None:
         assert srv.call("DELETE", srv.images_path("a", "a1"))[0] == 200
         srv.wait_gone("a1", namespace="a")
         srv.create(manifest("a3"), namespace="a")
-    finally:
-        srv.stop()

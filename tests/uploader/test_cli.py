@@ -42,15 +42,21 @@ def _env(server: Server) -> dict[str, str]:
     return env
 
 
-def cli(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command, by default with no server behind --server (for mistakes found before
+    it would be asked anything)."""
     return subprocess.run(
         [sys.executable, "-m", "uploader.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
         timeout=120,
-        env=_env(server),
+        env={**os.environ, "DVCR_SERVER": f"http://127.0.0.1:{closed_port()}", **env},
     )
+
+
+def cli(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, stdin=stdin, **_env(server))
 
 
 @pytest.fixture(params=["loopback", "every address, DVCR_TOKEN"])
@@ -220,19 +226,6 @@ def test_unknown_resource_and_unreachable_server(server: Server) -> None:
 
 
 # -- mistakes: one line, no traceback ----------------------------------------------------------
-
-
-def run_cli(*args: str, stdin: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    """The command with no server behind --server: these mistakes are found before it
-    would be asked anything."""
-    return subprocess.run(
-        [sys.executable, "-m", "uploader.cli", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "DVCR_SERVER": f"http://127.0.0.1:{closed_port()}", **env},
-    )
 
 
 @pytest.mark.parametrize(

@@ -54,11 +54,8 @@ def token_server(tmp_path: Path) -> Iterator[Server]:
             {"tokens": [{"user": "alice", "token": TOKEN, "role": "admin", "namespaces": "*"}]}
         )
     )
-    srv = Server(tmp_path / "data", "--api-token-file", str(tokens), token=TOKEN).start()
-    try:
+    with Server(tmp_path / "data", "--api-token-file", str(tokens), token=TOKEN).start() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_without_a_token_the_error_says_how_to_give_one_needs_server_access(

@@ -240,8 +240,7 @@ def test_a_server_beyond_loopback_refuses_loopback_until_allowed(
     sha256, _ = write_disk_image(redirecting_nginx.files / "disk.img", MiB, seed=96)
     for allow in ((), ("--import-allow", "127.0.0.0/8")):
         data = tmp_path / f"data{len(allow)}"
-        srv = Server(data, *allow, host="0.0.0.0").start()
-        try:
+        with Server(data, *allow, host="0.0.0.0").start() as srv:
             srv.token = (data / "admin.token").read_text().strip()
             srv.create(http_manifest("local", f"{redirecting_nginx.url}/disk.img"))
             obj = srv.wait_phase("local", ("Ready", "Failed"))
@@ -252,8 +251,6 @@ def test_a_server_beyond_loopback_refuses_loopback_until_allowed(
                 assert obj["status"]["phase"] == "Failed"
                 message = condition(obj)["message"]
                 assert "imports may not connect to 127.0.0.1: a loopback address" in message
-        finally:
-            srv.stop()
 
 
 # -- credentials in source URLs -------------------------------------------------------------

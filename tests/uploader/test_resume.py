@@ -34,6 +34,7 @@ from dvcrimage import check_image, skopeo_copy
 from flakyhttp import RequestCuttingProxy
 from registryproc import Registry
 from serverproc import Server, background_upload, manifest
+from smallfs import small_filesystem
 from tusclient import client as tus
 from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 
@@ -338,11 +339,8 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     kind = request.param
     registry = Registry(tmp_path / "registry").start() if kind == "registry" else None
     args = ("--dvcr", registry.host) if registry else ()
-    server = Server(tmp_path / "data", *args).start()
-    try:
+    with Server(tmp_path / "data", *args).start() as server:
         yield Target(kind, server, registry)
-    finally:
-        server.stop()
         if registry is not None:
             registry.stop()
 
@@ -631,8 +629,7 @@ def test_a_plain_put_starts_a_parked_upload_over(server: Server, tmp_path: Path)
 
 
 def test_a_cut_upload_left_past_the_grace_starts_over(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data", "--upload-grace", "3s").start()
-    try:
+    with Server(tmp_path / "data", "--upload-grace", "3s").start() as server:
         image = tmp_path / "disk.raw"
         sha256, _ = write_disk_image(image, 16 * MiB, seed=75)
         data = image.read_bytes()
@@ -660,13 +657,10 @@ def test_a_cut_upload_left_past_the_grace_starts_over(tmp_path: Path) -> None:
         assert answer.code == 200, answer
         assert answer.body["checksum"]["sha256"] == sha256
         assert sha256_file(server.claim_dir("grace") / "disk.img") == sha256
-    finally:
-        server.stop()
 
 
 def test_a_silent_request_is_cut_with_408_and_stays_resumable(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data", "--upload-idle-timeout", "2s").start()
-    try:
+    with Server(tmp_path / "data", "--upload-idle-timeout", "2s").start() as server:
         image = tmp_path / "disk.raw"
         sha256, _ = write_disk_image(image, 16 * MiB, seed=76)
         data = image.read_bytes()
@@ -690,8 +684,6 @@ def test_a_silent_request_is_cut_with_408_and_stays_resumable(tmp_path: Path) ->
         assert answer.code == 200, answer
         assert answer.body["checksum"]["sha256"] == sha256
         assert sha256_file(server.claim_dir("idle") / "disk.img") == sha256
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("target", ["registry"], indirect=True)
@@ -729,8 +721,7 @@ def test_a_registry_upload_parked_for_10_s_resumes(
 
 
 def test_an_image_nobody_uploads_to_fails_after_the_wait_timeout(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data", "--wait-for-upload-timeout", "2s").start()
-    try:
+    with Server(tmp_path / "data", "--wait-for-upload-timeout", "2s").start() as server:
         image = tmp_path / "disk.raw"
         sha256, _ = write_disk_image(image, 16 * MiB, seed=77)
         server.create(manifest("forgotten"))
@@ -749,8 +740,6 @@ def test_an_image_nobody_uploads_to_fails_after_the_wait_timeout(tmp_path: Path)
         obj = server.get("slow")
         assert obj["status"]["phase"] == "Ready"
         assert obj["status"]["checksum"]["sha256"] == sha256
-    finally:
-        server.stop()
 
 
 # -- 6. SIGKILL mid-upload ------------------------------------------------------------------
@@ -788,8 +777,7 @@ def assert_starts_over(server: Server, name: str, image: Path, had: int) -> None
 
 
 def test_sigkill_mid_upload_then_a_full_upload_pvc(tmp_path: Path) -> None:
-    server = Server(tmp_path / "data").start()
-    try:
+    with Server(tmp_path / "data").start() as server:
         image = tmp_path / "disk.raw"
         sha256, _ = write_disk_image(image, 32 * MiB, seed=78)
         server.create(manifest("killed"))
@@ -802,8 +790,6 @@ def test_sigkill_mid_upload_then_a_full_upload_pvc(tmp_path: Path) -> None:
         assert answer.body["checksum"]["sha256"] == sha256
         assert sha256_file(claim / "disk.img") == sha256
         assert [p.name for p in claim.iterdir()] == ["disk.img"]
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("target", ["registry"], indirect=True)
@@ -886,61 +872,36 @@ def test_registry_killed_mid_push_never_leaves_a_partial_tag(
 # -- 8. a full disk -------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def small_filesystem(mount_point: Path, size: int) -> Iterator[Path]:
-    """A loop-mounted ext4 of `size` bytes at `mount_point` (needs root)."""
-    backing = mount_point.parent / f"{mount_point.name}.ext4"
-    with open(backing, "wb") as f:
-        f.truncate(size)
-    subprocess.run(["mkfs.ext4", "-q", "-F", str(backing)], check=True, capture_output=True)
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-o", "loop", str(backing), str(mount_point)], capture_output=True, text=True
-    )
-    if mounted.returncode != 0:
-        pytest.fail(
-            "the full-disk test loop-mounts a small ext4 and needs root for it (CI runs as "
-            f"root): mount said: {mounted.stderr.strip()}"
-        )
-    try:
-        yield mount_point
-    finally:
-        if subprocess.run(["umount", str(mount_point)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
-        backing.unlink(missing_ok=True)
-
-
 def test_a_full_disk_fails_the_upload_and_nothing_else(tmp_path: Path) -> None:
-    with small_filesystem(tmp_path / "small", 64 * MiB) as data_dir:
-        server = Server(data_dir).start()
-        try:
-            before = tmp_path / "before.raw"
-            sha_before, _ = write_disk_image(before, 8 * MiB, seed=79)
-            server.create(manifest("before"))
-            assert send_from(before, server.upload_url("before"), 0).code == 200
-            free_before = shutil.disk_usage(data_dir).free
+    with (
+        small_filesystem(tmp_path / "small", 64 * MiB) as data_dir,
+        Server(data_dir).start() as server,
+    ):
+        before = tmp_path / "before.raw"
+        sha_before, _ = write_disk_image(before, 8 * MiB, seed=79)
+        server.create(manifest("before"))
+        assert send_from(before, server.upload_url("before"), 0).code == 200
+        free_before = shutil.disk_usage(data_dir).free
 
-            big = tmp_path / "big.raw"
-            big.write_bytes(os.urandom(96 * MiB))
-            server.create(manifest("big"))
-            answer = send_from(big, server.upload_url("big"), 0)
-            obj = server.wait_phase("big", ("Failed",), timeout=30)
-            assert answer.code == 507, answer
-            assert "full" in answer.body["message"], answer
-            assert "full" in condition(obj)["message"], obj["status"]
+        big = tmp_path / "big.raw"
+        big.write_bytes(os.urandom(96 * MiB))
+        server.create(manifest("big"))
+        answer = send_from(big, server.upload_url("big"), 0)
+        obj = server.wait_phase("big", ("Failed",), timeout=30)
+        assert answer.code == 507, answer
+        assert "full" in answer.body["message"], answer
+        assert "full" in condition(obj)["message"], obj["status"]
 
-            assert curl(server.url + "/healthz").code == 200
-            kept = server.get("before")
-            assert kept["status"]["phase"] == "Ready"
-            assert sha256_file(server.claim_dir("before") / "disk.img") == sha_before
-            # The failed image's data is gone, so there is room again.
-            assert shutil.disk_usage(data_dir).free >= free_before - MiB
-            after = tmp_path / "after.raw"
-            sha_after, _ = write_disk_image(after, 8 * MiB, seed=80)
-            server.create(manifest("after"))
-            answer = send_from(after, server.upload_url("after"), 0)
-            assert answer.code == 200, answer
-            assert server.get("after")["status"]["checksum"]["sha256"] == sha_after
-            assert sha256_file(server.claim_dir("after") / "disk.img") == sha_after
-        finally:
-            server.stop()
+        assert curl(server.url + "/healthz").code == 200
+        kept = server.get("before")
+        assert kept["status"]["phase"] == "Ready"
+        assert sha256_file(server.claim_dir("before") / "disk.img") == sha_before
+        # The failed image's data is gone, so there is room again.
+        assert shutil.disk_usage(data_dir).free >= free_before - MiB
+        after = tmp_path / "after.raw"
+        sha_after, _ = write_disk_image(after, 8 * MiB, seed=80)
+        server.create(manifest("after"))
+        answer = send_from(after, server.upload_url("after"), 0)
+        assert answer.code == 200, answer
+        assert server.get("after")["status"]["checksum"]["sha256"] == sha_after
+        assert sha256_file(server.claim_dir("after") / "disk.img") == sha_after

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from serverproc import Server, manifest
+from smallfs import small_filesystem
 
 from uploader.errors import InsufficientStorage
 from uploader.store import RESERVE_FILE, Store
@@ -18,18 +18,9 @@ from uploader.store import RESERVE_FILE, Store
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 24 MiB filesystem (tmpfs), which a test can fill."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True
-    )
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
+    """A real 24 MiB filesystem, which a test can fill."""
+    with small_filesystem(tmp_path / "disk", 24 << 20) as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill(directory: Path) -> None:
@@ -68,8 +59,7 @@ def test_a_full_disk_refuses_new_objects_but_deletes_with_the_reserve(small_disk
 
 
 def test_the_server_on_a_full_disk_answers_and_frees(small_disk: Path) -> None:
-    srv = Server(small_disk / "data").start()
-    try:
+    with Server(small_disk / "data").start() as srv:
         srv.create(manifest("old"))
         _fill(small_disk)
         codes = set()
@@ -87,5 +77,3 @@ def test_the_server_on_a_full_disk_answers_and_frees(small_disk: Path) -> None:
         (small_disk / "filler").unlink()
         srv.restart()
         srv.create(manifest("after"))
-    finally:
-        srv.stop()

@@ -331,8 +331,7 @@ def test_head_get_options_on_upload_url(server: Server, tmp_path: Path) -> None:
 
 
 def test_sigterm_mid_upload_exits_promptly(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data").start()
-    try:
+    with Server(tmp_path / "data").start() as srv:
         image = tmp_path / "disk.raw"
         image.write_bytes(os.urandom(64 * MiB))
         srv.create(manifest("term"))
@@ -352,13 +351,10 @@ def test_sigterm_mid_upload_exits_promptly(tmp_path: Path) -> None:
         code, body = curl("-C", str(offset), "-T", str(image), url)
         assert code == 200, body
         assert sha256_file(srv.claim_dir("term") / "disk.img") == sha256_file(image)
-    finally:
-        srv.stop()
 
 
 def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data", "--max-image-size", "4Mi").start()
-    try:
+    with Server(tmp_path / "data", "--max-image-size", "4Mi").start() as srv:
         srv.create(manifest("big"))
         url = srv.upload_url("big")
         image = tmp_path / "disk.raw"
@@ -371,13 +367,10 @@ def test_body_over_the_limit_is_413(tmp_path: Path) -> None:
         assert body["reason"] == "ImageTooLarge"
         assert srv.get("big")["status"]["phase"] == "Failed"
         assert not (srv.claim_dir("big") / "disk.img").exists()
-    finally:
-        srv.stop()
 
 
 def test_restart_keeps_images_and_data(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data").start()
-    try:
+    with Server(tmp_path / "data").start() as srv:
         image = tmp_path / "disk.raw"
         sha256, _ = write_disk_image(image, 16 * MiB, seed=7)
         srv.create(manifest("kept"))
@@ -409,15 +402,12 @@ def test_restart_keeps_images_and_data(tmp_path: Path) -> None:
         assert curl("-T", str(image), waiting_url)[0] == 200
         assert curl("-T", str(big), midway["status"]["imageUploadURLs"]["external"])[0] == 200
         assert sha256_file(srv.claim_dir("midway") / "disk.img") == sha256_file(big)
-    finally:
-        srv.stop()
 
 
 def test_backpressure_keeps_memory_bounded(tmp_path: Path) -> None:
     """A slow sink must slow the sender, not fill the server's memory."""
     rate = 256 * MiB  # bytes per second the sink accepts (deliberately slowed)
-    srv = Server(tmp_path / "data", env={"DVCR_FAULT_SINK_BYTES_PER_SEC": str(rate)}).start()
-    try:
+    with Server(tmp_path / "data", env={"DVCR_FAULT_SINK_BYTES_PER_SEC": str(rate)}).start() as srv:
         image = tmp_path / "disk.raw"
         size = 1024 * MiB
         with open(image, "wb") as f:
@@ -447,8 +437,6 @@ def test_backpressure_keeps_memory_bounded(tmp_path: Path) -> None:
         assert elapsed >= size / rate * 0.9  # the sink really was the bottleneck
         growth = max(srv.peak_rss(), *peak_during) - baseline
         assert growth < 96 * MiB, f"server memory grew by {growth / MiB:.0f} MiB"
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/metrics"])

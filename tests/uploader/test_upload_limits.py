@@ -23,11 +23,8 @@ def phase_of(server: Server, name: str) -> str:
 
 @pytest.fixture
 def limited(tmp_path: Path) -> Iterator[Server]:
-    srv = Server(tmp_path / "data", "--max-image-size", "8Mi").start()
-    try:
+    with Server(tmp_path / "data", "--max-image-size", "8Mi").start() as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.parametrize("storage", STORAGES)
@@ -165,8 +162,7 @@ def test_declared_sizes_over_the_limit_are_413_before_the_body(
 
 
 def test_a_failed_images_upload_url_says_why(tmp_path: Path) -> None:
-    srv = Server(tmp_path / "data").start()
-    try:
+    with Server(tmp_path / "data").start() as srv:
         image = tmp_path / "disk.raw"
         image.write_bytes(os.urandom(MiB))
         srv.create(manifest("bad", checksum={"sha256": "0" * 64}))
@@ -191,5 +187,3 @@ def test_a_failed_images_upload_url_says_why(tmp_path: Path) -> None:
         srv.wait_gone("bad")
         code, body = curl("-T", str(image), url)
         assert (code, body["reason"]) == (404, "NotFound")
-    finally:
-        srv.stop()
