@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uploader import printers
-from uploader.applyinput import ManifestError, load_documents
-from uploader.argtypes import (
+from uploader.client import printers
+from uploader.client.api_client import ApiClient, ClientError
+from uploader.client.applyinput import ManifestError, load_documents
+from uploader.client.argtypes import (
     cidr,
     existing_file,
     host_port,
@@ -21,10 +22,9 @@ from uploader.argtypes import (
     parse_size,
     positive_int,
 )
-from uploader.client import ApiClient, ClientError
-from uploader.config import DEFAULT_LISTEN, ServerConfig
-from uploader.credentials import Credentials, CredentialsError, resolve_credentials
+from uploader.client.credentials import Credentials, CredentialsError, resolve_credentials
 from uploader.resources import KINDS, Kind, kind_for_word
+from uploader.server.config import DEFAULT_LISTEN, ServerConfig
 
 __all__ = ["build_parser", "main", "parse_duration", "parse_size"]
 
@@ -293,7 +293,7 @@ def _kind(word: str) -> Kind:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from uploader.app import StartError, run_server
+    from uploader.server.app import StartError, run_server
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -507,7 +507,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from uploader import upload_command
+    from uploader.client import upload_command
 
     return upload_command.run(args, _credentials(args))
 

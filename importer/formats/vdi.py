@@ -15,7 +15,7 @@ from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Limits, RawTarget
-from importer.formats.layout import LayoutConverter, RunMap
+from importer.formats.claims import LayoutConverter, RunMap
 
 HEADER_SIZE: Final = 512
 SIGNATURE: Final = 0xBEDA107F

@@ -26,7 +26,7 @@ from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage
 from importer.formats.base import Limits, RawTarget
-from importer.formats.layout import Claim, ClaimSource, LayoutConverter, RunMap, capture_claim
+from importer.formats.claims import Claim, ClaimSource, LayoutConverter, RunMap, capture_claim
 
 FOOTER_SIZE: Final = 512
 DYNAMIC_HEADER_SIZE: Final = 1024

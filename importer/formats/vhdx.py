@@ -25,7 +25,7 @@ from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Limits, RawTarget
-from importer.formats.layout import LayoutConverter, RunMap
+from importer.formats.claims import LayoutConverter, RunMap
 
 KiB: Final = 1 << 10
 MiB: Final = 1 << 20

@@ -30,7 +30,7 @@ from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Limits, RawTarget
-from importer.formats.layout import Claim, ClaimSource, LayoutConverter, RunMap, capture_claim
+from importer.formats.claims import Claim, ClaimSource, LayoutConverter, RunMap, capture_claim
 
 SECTOR: Final = 512
 MAGIC: Final = b"KDMV"

@@ -11,9 +11,9 @@ from yarl import URL
 
 from importer.netguard import AddressGuard
 from importer.oci.auth import Credentials
+from importer.oci.authorizer import CATALOG_SCOPE, delete_scope, pull_scope, push_scope
 from importer.oci.errors import RegistryError
 from importer.oci.reference import check_repository
-from importer.oci.tokens import CATALOG_SCOPE, delete_scope, pull_scope, push_scope
 from importer.oci.transport import DEFAULT_IO_TIMEOUT, Transport, with_query_param
 from importer.oci.upload import QUEUE_ITEMS, BlobUpload
 

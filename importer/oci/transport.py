@@ -19,10 +19,10 @@ from yarl import URL
 
 from importer.netguard import AddressGuard, connector
 from importer.oci.auth import Credentials
+from importer.oci.authorizer import Authorizer
 from importer.oci.challenge import parse_challenges
 from importer.oci.endpoint import Endpoint, choose_url
 from importer.oci.errors import RegistryError, error_from_answer, error_from_exception
-from importer.oci.tokens import Authorizer
 
 CONNECT_TIMEOUT = 30.0
 DEFAULT_IO_TIMEOUT = 300.0

@@ -15,8 +15,8 @@ from enum import Enum
 import aiohttp
 from yarl import URL
 
+from importer.oci.authorizer import delete_scope, push_scope
 from importer.oci.errors import RegistryError
-from importer.oci.tokens import delete_scope, push_scope
 from importer.oci.transport import Transport, with_query_param
 
 QUEUE_ITEMS = 4

@@ -19,7 +19,7 @@ from flakyhttp import closed_port
 from serverproc import Server
 
 from uploader.cli import build_parser, main
-from uploader.config import ServerConfig
+from uploader.server.config import ServerConfig
 
 SOME_IMAGE = """\
 apiVersion: virtualization.deckhouse.io/v1alpha2
@@ -353,7 +353,7 @@ def test_serve_flags_are_checked_before_it_starts(flags: list[str], message: str
 
 
 def test_serve_flags_make_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import uploader.app
+    import uploader.server.app
 
     tokens = tmp_path / "tokens.yaml"
     tokens.write_text("tokens: []\n")
@@ -362,7 +362,7 @@ def test_serve_flags_make_the_config(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     async def run_server(config: ServerConfig) -> None:
         made.append(config)
 
-    monkeypatch.setattr(uploader.app, "run_server", run_server)
+    monkeypatch.setattr(uploader.server.app, "run_server", run_server)
     monkeypatch.setitem(sys.modules, "uvloop", None)  # this test process keeps its loop
     flags = [
         "serve",

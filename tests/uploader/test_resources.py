@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from importer.oci.reference import REPOSITORY
 from uploader.errors import Invalid
-from uploader.paths import NAME_MAX
 from uploader.quoting import MAX_QUOTED
 from uploader.resources import (
     CLUSTER_VIRTUAL_IMAGE,
@@ -23,7 +22,8 @@ from uploader.resources import (
     validate_name,
     validate_namespace,
 )
-from uploader.storage import claim_name, dvcr_repo
+from uploader.server.destinations import claim_name, dvcr_repo
+from uploader.server.paths import NAME_MAX
 
 PEM = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="  # "-----BEGIN CERTIFICATE-----\n"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from serverproc import API, Server, curl, manifest
 
-from uploader.app import bind, escape_for_log
-from uploader.store import Store
+from uploader.server.app import bind, escape_for_log
+from uploader.server.image_db import Store
 
 
 @pytest.mark.parametrize(

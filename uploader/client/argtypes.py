@@ -7,7 +7,7 @@ import argparse
 import ipaddress
 from pathlib import Path
 
-from uploader.config import split_host_port
+from uploader.server.config import split_host_port
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -11,7 +11,7 @@ import pytest
 from serverproc import Server, curl
 
 from uploader.errors import ApiError, BadRequest
-from uploader.manifests import (
+from uploader.server.manifests import (
     MAX_DEPTH,
     MAX_MANIFEST_SIZE,
     MAX_NODES,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from importer.errors import InvalidImage, UnsupportedFormat
-from importer.formats import layout
+from importer.formats import claims as layout
 from importer.formats.base import Limits
-from importer.formats.layout import RunMap, Spill, StreamLayout
+from importer.formats.claims import RunMap, Spill, StreamLayout
 
 
 class MemoryTarget:

@@ -54,7 +54,7 @@ class ServerConfig:
     checkpoint_every: int = 256 << 20
     # An image that waits for its upload longer than this fails (0: forever).
     wait_for_upload_timeout: float = 24 * 3600
-    # Access: the API on a listener of its own, and who may use it (uploader/access.py).
+    # Access: the API on a listener of its own, and who may use it (uploader/server/access.py).
     api_listen: str | None = None
     api_token_file: Path | None = None
     # Address ranges imports may reach beyond what the server allows by default.

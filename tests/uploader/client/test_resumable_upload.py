@@ -22,9 +22,9 @@ from flakyhttp import RequestCuttingProxy, closed_port
 from multidict import CIMultiDict
 from serverproc import Server, manifest
 
-from uploader.upload_client import UploadFailed, _answer_failure, _Retry, _size
+from uploader.client.resumable_upload import UploadFailed, _answer_failure, _Retry, _size
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 async def upload(*args: str, stdin: bytes | None = None) -> tuple[int, str, str, float]:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from uploader.printers import human_duration, jsonpath, table
+from uploader.client.printers import human_duration, jsonpath, table
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from serverproc import Server, manifest
 from smallfs import small_filesystem
 
 from uploader.errors import InsufficientStorage
-from uploader.store import RESERVE_FILE, Store
+from uploader.server.image_db import RESERVE_FILE, Store
 
 
 @pytest.fixture

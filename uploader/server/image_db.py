@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from uploader.errors import InsufficientStorage
-from uploader.tokens import ImageKey
+from uploader.server.upload_tokens import ImageKey
 
 log = logging.getLogger(__name__)
 Object = dict[str, Any]

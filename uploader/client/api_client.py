@@ -10,7 +10,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from uploader.credentials import HOW_TO_GIVE_A_TOKEN, Credentials, describe_tls_error
+from uploader.client.credentials import HOW_TO_GIVE_A_TOKEN, Credentials, describe_tls_error
 from uploader.resources import GROUP, VERSION, Kind
 
 Object = dict[str, Any]

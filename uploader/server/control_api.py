@@ -7,11 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from uploader.access import Verb
-from uploader.api_access import require
 from uploader.errors import ApiError, BadRequest, NotFound
-from uploader.images import ImageController, image_key
-from uploader.manifests import parse_manifest
 from uploader.quoting import cut
 from uploader.resources import (
     API_VERSION,
@@ -23,6 +19,10 @@ from uploader.resources import (
     validate_name,
     validate_namespace,
 )
+from uploader.server.access import Verb
+from uploader.server.access_check import require
+from uploader.server.images import ImageController, image_key
+from uploader.server.manifests import parse_manifest
 
 PREFIX = f"/apis/{GROUP}/{VERSION}"
 CONTROLLER = web.AppKey("controller", ImageController)

@@ -35,9 +35,7 @@ from importer.sources.disklock import hold_for_reading, in_use_by
 from importer.sources.file import fd_chunks
 from importer.sources.openers import container_image_source, disk_file_source, http_source
 from importer.transfer import OpenedSource, SourceOpener
-from uploader.config import ServerConfig
 from uploader.errors import Invalid
-from uploader.paths import under
 from uploader.resources import (
     DEFAULT_SECRET_NAMESPACE,
     KINDS,
@@ -46,9 +44,11 @@ from uploader.resources import (
     source_namespace,
     validate_manifest,
 )
-from uploader.storage import Storage, dvcr_repo, uses_pvc
-from uploader.store import Object, Store
-from uploader.tokens import ImageKey
+from uploader.server.config import ServerConfig
+from uploader.server.destinations import Storage, dvcr_repo, uses_pvc
+from uploader.server.image_db import Object, Store
+from uploader.server.paths import under
+from uploader.server.upload_tokens import ImageKey
 
 READY = "Ready"
 FAILED = "Failed"

@@ -12,7 +12,7 @@ Only what another try can fix is tried again: a connection that broke, a timeout
 502, 503 or 504 (and a 500 a couple of times). A wrong token or any other refusal, a server
 that cannot be reached on the first try, and a TLS error end the upload at once.
 
-The file's sha256 is computed while it goes up (uploader.filehash), the part sent by earlier
+The file's sha256 is computed while it goes up (uploader.client.filehash), the part sent by earlier
 tries or runs included, and the result tells it along with the server's answer, for the
 caller to compare with the image's. An image that is already Ready takes nothing: the result
 says so (`already`), and the file is hashed all the same. Standard input is hashed as it is
@@ -37,8 +37,8 @@ import aiohttp
 from multidict import CIMultiDictProxy
 from tqdm import tqdm
 
-from uploader.credentials import describe_tls_error
-from uploader.filehash import FileHasher, StreamHasher
+from uploader.client.credentials import describe_tls_error
+from uploader.client.filehash import FileHasher, StreamHasher
 
 CHUNK = 1 << 20
 MAX_WAIT = 30.0  # the longest pause between tries, seconds (unless --retry-wait is longer)

@@ -20,17 +20,18 @@ from aiohttp.web_request import BaseRequest
 
 from importer import lanethreads
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
-from uploader import api, upload
-from uploader.access import AccessConfigError, AccessControl
-from uploader.api_access import ACCESS, access_middleware
-from uploader.config import ServerConfig, split_host_port
 from uploader.errors import error_middleware
-from uploader.headdeadline import HeadDeadlineSite, head_received_middleware
-from uploader.images import ImageController
-from uploader.manifests import MAX_MANIFEST_SIZE
 from uploader.quoting import cut
-from uploader.store import Store
-from uploader.tokens import redact_path
+from uploader.server import control_api as api
+from uploader.server import upload_api as upload
+from uploader.server.access import AccessConfigError, AccessControl
+from uploader.server.access_check import ACCESS, access_middleware
+from uploader.server.config import ServerConfig, split_host_port
+from uploader.server.headdeadline import HeadDeadlineSite, head_received_middleware
+from uploader.server.image_db import Store
+from uploader.server.images import ImageController
+from uploader.server.manifests import MAX_MANIFEST_SIZE
+from uploader.server.upload_tokens import redact_path
 
 log = logging.getLogger("dvcr-uploader")
 METRICS = web.AppKey("metrics", Metrics)

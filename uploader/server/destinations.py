@@ -8,7 +8,7 @@ A filesystem claim holds `disk.img`. An operator makes it a block claim by placi
 the image is created, a symlink named `block` in that directory that points at a block
 device or a pre-sized file; the image is then written there in place.
 
-Claim directories are made with uploader/paths.py `under()`: they stay below
+Claim directories are made with uploader/server/paths.py `under()`: they stay below
 `DATA_DIR/pvc`, while a `block` link may point anywhere (the operator placed it).
 """
 
@@ -35,10 +35,10 @@ from importer.pipeline import Lane, Sink, TransferResult
 from importer.sinks.dvcr import DvcrSink, ImageStore
 from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
 from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
-from uploader.config import ServerConfig
-from uploader.paths import UnsafePath, under
 from uploader.resources import STORAGE_PVC
-from uploader.store import Object
+from uploader.server.config import ServerConfig
+from uploader.server.image_db import Object
+from uploader.server.paths import UnsafePath, under
 
 BLOCK_LINK = "block"
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Storage:
         return self._data_path(self.claim_dir(obj))
 
     def disk_dir(self, namespace: str, name: str) -> Path:
-        """The claim directory of the VirtualDisk `name` (see uploader/sources.py)."""
+        """The claim directory of the VirtualDisk `name` (see uploader/server/data_sources.py)."""
         return under(self.config.pvc_root, namespace, f"vd-{name}", follow_last=True)
 
     def disk_path(self, namespace: str, name: str) -> Path | None:

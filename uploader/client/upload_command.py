@@ -21,11 +21,17 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from uploader.client import ApiClient, ClientError
-from uploader.credentials import Credentials
-from uploader.filehash import FileHasher, StreamHasher
+from uploader.client.api_client import ApiClient, ClientError
+from uploader.client.credentials import Credentials
+from uploader.client.filehash import FileHasher, StreamHasher
+from uploader.client.resumable_upload import (
+    EXIT_OK,
+    EXIT_REFUSED,
+    UploadFailed,
+    UploadResult,
+    upload,
+)
 from uploader.resources import Kind, kind_for_word
-from uploader.upload_client import EXIT_OK, EXIT_REFUSED, UploadFailed, UploadResult, upload
 
 URL_WAIT = 30.0  # a new image gets its upload URL within this
 URL_POLL = 0.5

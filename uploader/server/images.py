@@ -24,7 +24,6 @@ from importer.pipeline import Checkpoint, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress, format_quantity
 from importer.sources.reader import Reader
 from importer.transfer import OpenedSource, SourceOpener, run_transfer
-from uploader.config import ServerConfig
 from uploader.errors import (
     AlreadyExists,
     ApiError,
@@ -36,12 +35,13 @@ from uploader.errors import (
     SpecImmutable,
     TooManyImages,
 )
-from uploader.feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
 from uploader.resources import Kind, ready_condition, validate_manifest
-from uploader.sources import ImportPlan, SourceNotReady, SourcePlanner
-from uploader.storage import KeptOnStop, Storage, spill_files_of, uses_pvc
-from uploader.store import Object, Store, key_of
-from uploader.tokens import ImageKey, TokenIndex, new_token, redact
+from uploader.server.config import ServerConfig
+from uploader.server.data_sources import ImportPlan, SourceNotReady, SourcePlanner
+from uploader.server.destinations import KeptOnStop, Storage, spill_files_of, uses_pvc
+from uploader.server.image_db import Object, Store, key_of
+from uploader.server.upload_feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
+from uploader.server.upload_tokens import ImageKey, TokenIndex, new_token, redact
 
 log = logging.getLogger(__name__)
 

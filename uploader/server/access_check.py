@@ -1,4 +1,4 @@
-"""The access check of every request to the API and `/metrics` (see uploader/access.py).
+"""The access check of every request to the API and `/metrics` (see uploader/server/access.py).
 
 The middleware authenticates (401) and checks what the path and method ask for (403)
 before a handler runs; a handler that learns more from the body (a ClusterVirtualImage
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from uploader.access import AccessControl, ApiToken, Verb
 from uploader.errors import Forbidden, Handler, Unauthorized
 from uploader.resources import GROUP
+from uploader.server.access import AccessControl, ApiToken, Verb
 
 ACCESS = web.AppKey("access", AccessControl)
 _CALLER = "api_access.caller"

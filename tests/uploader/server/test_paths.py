@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from uploader.paths import UnsafePath, under
+from uploader.server.paths import UnsafePath, under
 
 
 @pytest.mark.parametrize(

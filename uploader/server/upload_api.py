@@ -18,7 +18,6 @@ from aiohttp.http_exceptions import HttpProcessingError
 from importer.errors import ImageTooLarge, TransferError, TransferInterrupted
 from importer.sources.reader import EMPTY, ChunkReader, Reader
 from importer.sources.transportbody import TransportBody, body_reader
-from uploader.api import CONTROLLER
 from uploader.errors import (
     ApiError,
     BadRequest,
@@ -29,10 +28,11 @@ from uploader.errors import (
     UnsupportedMediaType,
     status_response,
 )
-from uploader.feed import BodyEnd
-from uploader.images import READY, ImageController, UploadPart, offset_headers
 from uploader.quoting import quoted
-from uploader.store import Object, key_of
+from uploader.server.control_api import CONTROLLER
+from uploader.server.image_db import Object, key_of
+from uploader.server.images import READY, ImageController, UploadPart, offset_headers
+from uploader.server.upload_feed import BodyEnd
 
 TUS_VERSION = "1.0.0"
 READ_CHUNK = 1 << 20
