@@ -1,15 +1,11 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
-
-sys.path.insert(0, str(Path(__file__).parent))
-
 from nginxproc import Nginx
 from registryproc import REGISTRY, Registry
 from serverproc import Server

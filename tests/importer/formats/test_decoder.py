@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import lzma
 import random
-import sys
 import tarfile
 from pathlib import Path
 
@@ -14,15 +14,6 @@ import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from importer.errors import ImageTooLarge, InvalidImage, TransferError, UnsupportedFormat
-from importer.formats.base import Limits
-from importer.formats.decoder import ImageDecoder
-from importer.formats.sniff import SNIFF_SIZE
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
-import contextlib
-
 from qcow2_helpers import (
     MemoryTarget,
     MiB,
@@ -34,6 +25,11 @@ from qcow2_helpers import (
     run,
     virtual_size,
 )
+
+from importer.errors import ImageTooLarge, InvalidImage, TransferError, UnsupportedFormat
+from importer.formats.base import Limits
+from importer.formats.decoder import ImageDecoder
+from importer.formats.sniff import SNIFF_SIZE
 
 
 @pytest.fixture(scope="module")

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import gzip
-import sys
 from pathlib import Path
 
 import pytest
+from qcow2_helpers import MemoryTarget, MiB, decode_to_file, feed_all, make_base, qemu_compare, run
 
 from importer.errors import ImageTooLarge, InvalidImage
 from importer.formats.base import Limits
 from importer.formats.decoder import ImageDecoder
 from importer.formats.iso import IsoConverter
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
-from qcow2_helpers import MemoryTarget, MiB, decode_to_file, feed_all, make_base, qemu_compare, run
 
 
 @pytest.fixture(scope="module")

@@ -8,21 +8,12 @@ import os
 import random
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from importer.errors import ImageTooLarge, InvalidImage, TransferError, UnsupportedFormat
-from importer.formats.base import Limits
-from importer.formats.decoder import ImageDecoder
-from importer.formats.qcow2 import Qcow2Converter, Spill
-from importer.sinks.pvc import FileClaimTarget
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
 from qcow2_helpers import (
     OFFSET_MASK,
     MemoryTarget,
@@ -40,6 +31,12 @@ from qcow2_helpers import (
     run,
     snapshot,
 )
+
+from importer.errors import ImageTooLarge, InvalidImage, TransferError, UnsupportedFormat
+from importer.formats.base import Limits
+from importer.formats.decoder import ImageDecoder
+from importer.formats.qcow2 import Qcow2Converter, Spill
+from importer.sinks.pvc import FileClaimTarget
 
 BASE_SIZE = 16 * MiB
 

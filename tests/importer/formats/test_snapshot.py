@@ -23,8 +23,11 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from diskimages import make_iso, qemu_convert, sha256_file, write_disk_image
+from feeding import random_pieces
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vfmt_helpers import vmware_stream_vmdk
 
 from importer.formats import snapshot as snapshot_module
 from importer.formats.base import Limits
@@ -37,11 +40,6 @@ from importer.formats.snapshot import (
 )
 from importer.formats.spillfile import SpillFile
 from importer.sinks.pvc import BlockClaimTarget, FileClaimTarget, PvcSink
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
-from diskimages import make_iso, qemu_convert, sha256_file, write_disk_image
-from feeding import random_pieces
-from vfmt_helpers import vmware_stream_vmdk
 
 MiB = 1 << 20
 KiB = 1 << 10

@@ -8,20 +8,16 @@ import io
 import lzma
 import random
 import struct
-import sys
 import tarfile
-from pathlib import Path
 
 import pytest
 import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qcow2_helpers import MiB, make_base, run
 
 from importer.errors import InvalidImage, TransferError, UnsupportedFormat
 from importer.formats.sniff import SNIFF_SIZE, is_tar_header, sniff
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
-from qcow2_helpers import MiB, make_base, run
 
 
 def _padded(head: bytes, size: int = SNIFF_SIZE) -> bytes:

@@ -8,7 +8,6 @@ import io
 import lzma
 import random
 import subprocess
-import sys
 import tarfile
 import time
 import tracemalloc
@@ -18,8 +17,10 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from feeding import random_pieces
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from qcow2_helpers import MiB
 
 from importer.errors import ImageTooLarge, InvalidImage, TransferError
 from importer.formats.base import Limits
@@ -33,10 +34,6 @@ from importer.formats.unwrap import (
     unwrapper,
     zstd_decompress_exactly,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
-from feeding import random_pieces
-from qcow2_helpers import MiB
 
 
 class Collect:

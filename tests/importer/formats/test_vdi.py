@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import struct
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-from importer.formats.base import Limits
-from importer.formats.vdi import VdiConverter
-from importer.sinks.pvc import FileClaimTarget
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
 from vfmt_helpers import (
     MiB,
     convert_to_raw,
@@ -30,6 +22,11 @@ from vfmt_helpers import (
     run_null,
     write_base,
 )
+
+from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+from importer.formats.base import Limits
+from importer.formats.vdi import VdiConverter
+from importer.sinks.pvc import FileClaimTarget
 
 SIZE = 24 * MiB + 7 * 512  # not a whole number of blocks: the last block is partial
 

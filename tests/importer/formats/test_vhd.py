@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import struct
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from importer.errors import ImageTooLarge, InvalidImage
-from importer.formats.base import Limits, NullTarget
-from importer.formats.vhd import VhdConverter, fixed_vhd_size, sector_runs
-from importer.sinks.pvc import FileClaimTarget
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
 from vfmt_helpers import (
     MiB,
     convert_to_raw,
@@ -31,6 +23,11 @@ from vfmt_helpers import (
     vhd_fix_footer,
     write_base,
 )
+
+from importer.errors import ImageTooLarge, InvalidImage
+from importer.formats.base import Limits, NullTarget
+from importer.formats.vhd import VhdConverter, fixed_vhd_size, sector_runs
+from importer.sinks.pvc import FileClaimTarget
 
 SIZE = 24 * MiB
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import struct
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -11,21 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-from importer.formats.base import Limits, NullTarget
-from importer.formats.vhdx import (
-    BAT_GUID,
-    FILE_PARAMETERS,
-    LOGICAL_SECTOR_SIZE,
-    METADATA_GUID,
-    PAGE83_DATA,
-    VIRTUAL_DISK_SIZE,
-    VhdxConverter,
-    crc32c,
-)
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
 from vfmt_helpers import (
     MiB,
     convert_to_raw,
@@ -38,6 +22,19 @@ from vfmt_helpers import (
     qemu_virtual_size,
     run_null,
     write_base,
+)
+
+from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+from importer.formats.base import Limits, NullTarget
+from importer.formats.vhdx import (
+    BAT_GUID,
+    FILE_PARAMETERS,
+    LOGICAL_SECTOR_SIZE,
+    METADATA_GUID,
+    PAGE83_DATA,
+    VIRTUAL_DISK_SIZE,
+    VhdxConverter,
+    crc32c,
 )
 
 SIZE = 24 * MiB

@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import struct
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
-from importer.formats.base import Limits, NullTarget
-from importer.formats.vmdk import VmdkConverter, check_descriptor
-
-sys.path.insert(0, str(Path(__file__).parent))  # the helpers shared by these tests
 from vfmt_helpers import (
     MiB,
     convert_to_raw,
@@ -31,6 +24,10 @@ from vfmt_helpers import (
     vmware_stream_vmdk,
     write_base,
 )
+
+from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
+from importer.formats.base import Limits, NullTarget
+from importer.formats.vmdk import VmdkConverter, check_descriptor
 
 SIZE = 24 * MiB + 3 * 512  # the last grain is partial
 HEADER = struct.Struct("<4sIIQQQQIQQQB4sH")
