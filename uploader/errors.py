@@ -19,14 +19,28 @@ from uploader.quoting import cut
 log = logging.getLogger(__name__)
 
 
+TUS_VERSION = "1.0.0"
+
+
+def offset_headers(offset: int) -> dict[str, str]:
+    """Where an upload continues, as resumable clients (curl -C, tus) read it."""
+    return {"Upload-Offset": str(offset), "Tus-Resumable": TUS_VERSION}
+
+
 class ApiError(Exception):
+    """An answer other than success. `offset`: where the upload this request belongs to
+    continues, for an error a client can recover from by sending from there."""
+
     code = 500
     reason = "InternalError"
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, headers: dict[str, str] | None = None, offset: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.offset = offset
+        self.headers = {**(offset_headers(offset) if offset is not None else {}), **(headers or {})}
 
 
 class BadRequest(ApiError):

@@ -122,28 +122,28 @@ def validate_name(
     """An image's name, or the name of what a source refers to (see the module's limits)."""
     if name is None or name == "":
         raise Invalid(f"{field}: Required value: name is required")
-    name = _string(name, field)
-    _not_longer(name, max_length, field)
-    if not _DNS1123_SUBDOMAIN.match(name):
+    text = _string(name, field)
+    _not_longer(text, max_length, field)
+    if not _DNS1123_SUBDOMAIN.match(text):
         raise Invalid(
-            f"{field}: Invalid value: {quoted(name)}: a lowercase RFC 1123 subdomain must "
+            f"{field}: Invalid value: {quoted(text)}: a lowercase RFC 1123 subdomain must "
             "consist of lower case alphanumeric characters, '-' or '.', and must start and end "
             "with an alphanumeric character (e.g. 'example.com', regex used for validation is "
             f"'{_DNS1123_SUBDOMAIN.pattern[1:-1]}')"
         )
-    return name
+    return text
 
 
 def validate_namespace(namespace: Any, field: str = "metadata.namespace") -> str:
-    namespace = _string(namespace, field)
-    _not_longer(namespace, MAX_NAMESPACE_LENGTH, field)
-    if not _DNS1123_LABEL.match(namespace):
+    text = _string(namespace, field)
+    _not_longer(text, MAX_NAMESPACE_LENGTH, field)
+    if not _DNS1123_LABEL.match(text):
         raise Invalid(
-            f"{field}: Invalid value: {quoted(namespace)}: a lowercase RFC 1123 label must "
+            f"{field}: Invalid value: {quoted(text)}: a lowercase RFC 1123 label must "
             "consist of lower case alphanumeric characters or '-', and must start and end with "
             "an alphanumeric character"
         )
-    return namespace
+    return text
 
 
 def source_namespace(
@@ -158,13 +158,13 @@ def source_namespace(
     if kind.namespaced:
         if given is None:
             return validate_namespace(own)
-        validate_namespace(given, field)
-        if given != own:
+        checked = validate_namespace(given, field)
+        if checked != own:
             raise Invalid(
                 f"{field}: Forbidden: a {kind.name} may only refer to objects in its own "
-                f"namespace {quoted(own)}, not {quoted(given)}"
+                f"namespace {quoted(own)}, not {quoted(checked)}"
             )
-        return given
+        return checked
     if given is None:
         if default is None:
             raise Invalid(f"{field}: Required value: a {kind.name} must name the namespace")

@@ -22,14 +22,13 @@ from importer import lanethreads
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
 from uploader.errors import error_middleware
 from uploader.quoting import cut
-from uploader.server import control_api as api
-from uploader.server import upload_api as upload
+from uploader.server import control_api, upload_api
 from uploader.server.access import AccessConfigError, AccessControl
 from uploader.server.access_check import ACCESS, access_middleware
 from uploader.server.config import ServerConfig, split_host_port
 from uploader.server.headdeadline import HeadDeadlineSite, head_received_middleware
 from uploader.server.image_db import Store
-from uploader.server.images import ImageController
+from uploader.server.images import Images
 from uploader.server.manifests import MAX_MANIFEST_SIZE
 from uploader.server.upload_tokens import redact_path
 
@@ -91,7 +90,7 @@ class ServerApps:
 
     uploads: web.Application
     api: web.Application | None
-    controller: ImageController
+    images: Images
     metrics: Metrics
 
 
@@ -109,31 +108,30 @@ def _new_app(access: AccessControl | None, metrics: Metrics) -> web.Application:
 
 
 def build_apps(config: ServerConfig, access: AccessControl) -> ServerApps:
-    """The applications; the controller starts in `run_server`, before they listen."""
+    """The applications; the images start in `run_server`, before they listen."""
     metrics = Metrics()
     store = Store(config.db_path)
-    controller = ImageController(config, store, metrics)
+    images = Images(config, store, metrics)
     api_app = _new_app(access, metrics) if config.api_listen else None
     uploads = _new_app(None if api_app else access, metrics)
-    for app in (uploads, api_app):
-        if app is not None:
-            app[api.CONTROLLER] = controller
     serving_api = api_app or uploads
+    serving_api[control_api.IMAGES] = images.lifecycle
+    uploads[upload_api.UPLOADS] = images.uploads
     serving_api.router.add_get("/metrics", metrics_handler)
-    api.add_routes(serving_api)
-    upload.add_routes(uploads)
+    control_api.add_routes(serving_api)
+    upload_api.add_routes(uploads)
 
     async def stop_transfers(app: web.Application) -> None:
         # Before aiohttp waits for open requests: watches and uploads end now, not later.
         store.end_watches()
-        await controller.stop()
+        await images.stop()
 
     async def close(app: web.Application) -> None:
         store.close()
 
     uploads.on_shutdown.append(stop_transfers)
     uploads.on_cleanup.append(close)
-    return ServerApps(uploads, api_app, controller, metrics)
+    return ServerApps(uploads, api_app, images, metrics)
 
 
 def metrics_app(metrics: Metrics, access: AccessControl) -> web.Application:
@@ -223,7 +221,7 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
     apps = build_apps(config, access)
     bound_port = sockets["listen"].getsockname()[1]
     # Every image is back in a steady state before the first request is taken.
-    await apps.controller.start(config.own_base_url(bound_port))
+    await apps.images.start(config.own_base_url(bound_port))
     tls = _ssl_context(config)
     runners = [await _serve(apps.uploads, sockets["listen"], config, tls)]
     if apps.api is not None:

@@ -21,11 +21,11 @@ from uploader.resources import (
 )
 from uploader.server.access import Verb
 from uploader.server.access_check import require
-from uploader.server.images import ImageController, image_key
+from uploader.server.lifecycle import ImageLifecycle
 from uploader.server.manifests import parse_manifest
 
 PREFIX = f"/apis/{GROUP}/{VERSION}"
-CONTROLLER = web.AppKey("controller", ImageController)
+IMAGES = web.AppKey("images", ImageLifecycle)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -45,7 +45,9 @@ def _require_source_access(request: web.Request, kind: Kind, doc: Any) -> None:
         return
     source = doc.get("spec", {}).get("dataSource", {}) if isinstance(doc, dict) else {}
     ref = source.get("objectRef") if isinstance(source, dict) else None
-    namespace = ref.get("namespace") if isinstance(ref, dict) else None
+    if not isinstance(ref, dict):
+        return
+    namespace = ref.get("namespace")
     if isinstance(namespace, str):
         require(request, Verb.READ, namespace, f"the source {ref.get('kind')} {ref.get('name')}")
 
@@ -68,11 +70,11 @@ class ResourceHandlers:
     def __init__(self, kind: Kind) -> None:
         self.kind = kind
 
-    def _where(self, request: web.Request) -> tuple[ImageController, str | None]:
+    def _where(self, request: web.Request) -> tuple[ImageLifecycle, str | None]:
         namespace = request.match_info.get("namespace") if self.kind.namespaced else None
         if namespace is not None:
             validate_namespace(namespace)
-        return request.app[CONTROLLER], namespace
+        return request.app[IMAGES], namespace
 
     def _name(self, request: web.Request) -> str:
         """The name in the path. One that no new image may have is not found, unless an
@@ -81,59 +83,59 @@ class ResourceHandlers:
         try:
             return validate_name(name)
         except ApiError:
-            controller, namespace = self._where(request)
-            if controller.store.get(image_key(self.kind, namespace, name)) is None:
+            images, namespace = self._where(request)
+            if not images.exists(self.kind, namespace, name):
                 raise NotFound(f'{self.kind.display} "{cut(name)}" not found') from None
             return name
 
     async def collection(self, request: web.Request) -> web.StreamResponse:
-        controller, namespace = self._where(request)
+        images, namespace = self._where(request)
         if _truthy(request.query.get("watch")):
             name = _name_from_selector(request.query.get("fieldSelector"))
             return await self._watch(request, namespace, name)
-        items = controller.list(self.kind, namespace)
+        items = images.list(self.kind, namespace)
         return _json(
             {
                 "apiVersion": API_VERSION,
                 "kind": self.kind.list_kind,
-                "metadata": {"resourceVersion": str(controller.store.version)},
+                "metadata": {"resourceVersion": str(images.version)},
                 "items": items,
             }
         )
 
     async def create(self, request: web.Request) -> web.Response:
-        controller, namespace = self._where(request)
+        images, namespace = self._where(request)
         doc = await _read_manifest(request)
         _require_source_access(request, self.kind, doc)
-        obj = await controller.create(self.kind, namespace, doc)
+        obj = await images.create(self.kind, namespace, doc)
         return _json(obj, status=201)
 
     async def item(self, request: web.Request) -> web.StreamResponse:
-        controller, namespace = self._where(request)
+        images, namespace = self._where(request)
         name = self._name(request)
         if _truthy(request.query.get("watch")):
             return await self._watch(request, namespace, name)
-        return _json(controller.get(self.kind, namespace, name))
+        return _json(images.get(self.kind, namespace, name))
 
     async def replace(self, request: web.Request) -> web.Response:
-        controller, namespace = self._where(request)
+        images, namespace = self._where(request)
         name = self._name(request)
         doc = await _read_manifest(request)
         _require_source_access(request, self.kind, doc)
-        return _json(await controller.replace(self.kind, namespace, name, doc))
+        return _json(await images.replace(self.kind, namespace, name, doc))
 
     async def delete(self, request: web.Request) -> web.Response:
-        controller, namespace = self._where(request)
-        return _json(await controller.delete(self.kind, namespace, self._name(request)))
+        images, namespace = self._where(request)
+        return _json(await images.delete(self.kind, namespace, self._name(request)))
 
     async def _watch(
         self, request: web.Request, namespace: str | None, name: str | None
     ) -> web.StreamResponse:
-        controller = request.app[CONTROLLER]
+        images = request.app[IMAGES]
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
-        events = controller.store.watch(self.kind.name, namespace, name)
+        events = images.watch(self.kind, namespace, name)
         try:
             async for event in events:
                 await response.write(event.to_json().encode() + b"\n")

@@ -4,6 +4,7 @@ watchers that get every change."""
 from __future__ import annotations
 
 import asyncio
+import builtins
 import collections
 import contextlib
 import copy
@@ -11,7 +12,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -175,7 +176,7 @@ class Store:
             if k == kind and (namespace is None or ns == namespace):
                 yield obj
 
-    def all(self) -> list[Object]:
+    def all(self) -> builtins.list[Object]:
         return [copy.deepcopy(obj) for obj in self._objects.values()]
 
     @property
@@ -280,7 +281,7 @@ class Store:
 
     async def watch(
         self, kind: str, namespace: str | None, name: str | None = None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """Every matching object as ADDED, then each change as it happens."""
         watcher = _Watcher(kind, namespace, name)
         for obj in self._select(kind, namespace):

@@ -15,26 +15,26 @@ import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from importer.errors import ImageTooLarge, TransferError, TransferInterrupted
+from importer.errors import TransferError, TransferInterrupted
 from importer.sources.reader import EMPTY, ChunkReader, Reader
 from importer.sources.transportbody import TransportBody, body_reader
 from uploader.errors import (
+    TUS_VERSION,
     ApiError,
     BadRequest,
     Conflict,
-    NotFound,
     RangeNotSatisfiable,
     RequestTimeout,
     UnsupportedMediaType,
+    offset_headers,
     status_response,
 )
 from uploader.quoting import quoted
-from uploader.server.control_api import CONTROLLER
-from uploader.server.image_db import Object, key_of
-from uploader.server.images import READY, ImageController, UploadPart, offset_headers
+from uploader.server.image_model import Image
 from uploader.server.upload_feed import BodyEnd
+from uploader.server.upload_sessions import UploadPart, UploadSessions
 
-TUS_VERSION = "1.0.0"
+UPLOADS = web.AppKey("uploads", UploadSessions)
 READ_CHUNK = 1 << 20
 _CLOSE_AFTER_ANSWER = "upload.close_after_answer"
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+)", re.ASCII)
@@ -49,8 +49,8 @@ _PAYLOAD_ERRORS = (
 )
 
 
-def _controller(request: web.Request) -> ImageController:
-    return request.app[CONTROLLER]
+def _uploads(request: web.Request) -> UploadSessions:
+    return request.app[UPLOADS]
 
 
 class _RequestBody:
@@ -127,14 +127,13 @@ def _wrong_range(offset: int) -> ApiError:
     return RangeNotSatisfiable(
         f"the upload continues at byte {offset}: send Content-Range: bytes {offset}-LAST/TOTAL "
         f"(curl -C {offset} -T FILE URL)",
-        headers=offset_headers(offset),
+        offset=offset,
     )
 
 
 def _wrong_tus_offset(offset: int) -> ApiError:
     return Conflict(
-        f"the upload continues at byte {offset}, not at the Upload-Offset sent",
-        headers=offset_headers(offset),
+        f"the upload continues at byte {offset}, not at the Upload-Offset sent", offset=offset
     )
 
 
@@ -164,7 +163,7 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
         start = _header_number(request, "Upload-Offset")
         if start is None:
             raise BadRequest("a tus PATCH needs Upload-Offset")
-        part = UploadPart(body, start, upload_length, False, _wrong_tus_offset)
+        part = UploadPart(body, start, upload_length, False, _wrong_tus_offset, ends_at_total=True)
     elif content_range is not None:
         match = _CONTENT_RANGE.fullmatch(content_range.strip())
         if match is None:
@@ -189,23 +188,11 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
                 f"a request without Content-Range or Upload-Offset carries the whole image: "
                 f"its Content-Length ({length}) must be its Upload-Length ({upload_length})"
             )
-        total = upload_length if upload_length is not None else length
-        part = UploadPart(body, 0, total, True, _wrong_range)
-    _check_body_fits(request, part.start, part.total)
+        declared = upload_length if upload_length is not None else length
+        part = UploadPart(body, 0, declared, True, _wrong_range)
+    part.length = request.content_length
+    part.check_fits(part.total)
     return part
-
-
-def _check_body_fits(request: web.Request, start: int, total: int | None) -> None:
-    length = request.content_length
-    if total is None:
-        return
-    if start > total:
-        raise BadRequest(f"the upload continues at byte {start}, past the end of the image")
-    if length is not None and length > total - start:
-        raise BadRequest(
-            f"the body of {length} bytes from byte {start} goes past the end of the image, "
-            f"which is {total} bytes long"
-        )
 
 
 def _request_part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
@@ -213,61 +200,26 @@ def _request_part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
         return _part(request, body)
     if request.method != "POST":
         raise BadRequest("multipart/form-data uploads use POST")
-    return UploadPart(body, 0, None, True, _wrong_range)
+    return UploadPart(body, 0, None, True, _wrong_range, length=request.content_length)
 
 
-def _check_size(request: web.Request, controller: ImageController, part: UploadPart) -> None:
-    """413 for a body or an image (as the request declares it) larger than the server
-    takes, before a byte is read."""
-    limit = controller.config.max_image_size
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ImageTooLarge(f"the upload of {length} bytes exceeds the limit of {limit} bytes")
-    if part.total is not None and part.total > limit:
-        raise ImageTooLarge(
-            f"the image of {part.total} bytes (Upload-Length or the Content-Range total) "
-            f"exceeds the limit of {limit} bytes"
-        )
-
-
-def _checked_part(
-    request: web.Request, controller: ImageController, body: Reader = EMPTY
-) -> tuple[UploadPart, Object]:
+def _admitted_part(
+    request: web.Request, uploads: UploadSessions, body: Reader = EMPTY
+) -> tuple[UploadPart, Image]:
     """Everything about a request that can be checked before its body is read, in the
     order of the answers: the token (404, 409, 410), the headers (400, 415), the sizes
-    (413), then whether the image takes this part now."""
-    controller.find_upload(request.match_info["token"])
+    (413), then whether the image takes this part now (409, 416, 411, 400)."""
+    token = request.match_info["token"]
+    uploads.find(token)
     part = _request_part(request, body)
-    _check_size(request, controller, part)
-    return part, _admit(request, controller, part)
-
-
-def _admit(request: web.Request, controller: ImageController, part: UploadPart) -> Object:
-    """Checks a part before its body is read: its offset first (the answer says where to
-    continue), that its lengths agree with the upload's, then that the image's length is
-    known where it must be: ContainerRegistry storage writes it before the first byte
-    (411), and a tus upload ends when it is reached (400)."""
-    obj = controller.check_part(request.match_info["token"], part)
-    known = part.total
-    if known is None and not part.whole:
-        transfer = controller.transfer_of(key_of(obj))
-        known = transfer.feed.total if transfer and transfer.feed else None
-        _check_body_fits(request, part.start, known)
-    controller.storage.check_length(obj, known)
-    if request.method == "PATCH" and known is None:
-        raise BadRequest(
-            "a tus PATCH needs the upload's length: send Upload-Length with the first PATCH "
-            "(tuspy: TusClient(url, headers={'Upload-Length': str(size)}))"
-        )
-    return obj
+    return part, uploads.admit(token, part)
 
 
 async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     """Expect handler: refuse a bad token, a busy image or a wrong offset before the body
     is sent."""
-    controller = _controller(request)
     try:
-        _checked_part(request, controller)
+        _admitted_part(request, _uploads(request))
     except ApiError as exc:
         return status_response(exc.code, exc.reason, exc.message, exc.headers)
     except TransferError as exc:
@@ -279,104 +231,76 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
-def _upload_state(controller: ImageController, obj: Object) -> tuple[dict[str, object], int | None]:
-    """What GET answers, and the image's total length when known."""
-    status = obj.get("status", {})
-    key = key_of(obj)
-    transfer = controller.transfer_of(key)
-    offset, length = controller.upload_offset(key), None
-    if transfer is not None and transfer.feed is not None:
-        length = transfer.feed.total
-    state = {"phase": status.get("phase"), "offset": offset, "progress": status.get("progress", "")}
-    if status.get("phase") == READY:
-        # A client that finds the image Ready compares its file with what is stored.
-        state["offset"] = length = controller.store.received(key)
-        state["format"] = status.get("format")
-        state["checksum"] = status.get("checksum")
-    return state, length
-
-
 async def put(request: web.Request) -> web.StreamResponse:
     """PUT, POST and tus PATCH: one request's part of the image."""
-    controller = _controller(request)
+    uploads = _uploads(request)
     token = request.match_info["token"]
     multipart = request.content_type == "multipart/form-data"
     body = _RequestBody(request, _multipart_file(request) if multipart else None)
-    part, obj = _checked_part(request, controller, body)
+    part, image = _admitted_part(request, uploads, body)
     try:
-        how, obj_after = await controller.receive(token, part)
+        how, done = await uploads.receive(token, part)
     finally:
         body.release()
-    offset = controller.upload_offset(key_of(obj))
+    offset = uploads.offset(image.key)
     if how is BodyEnd.PARTIAL:
         return web.Response(status=204, headers=offset_headers(offset))
     if how is BodyEnd.IDLE:
         raise RequestTimeout(
-            f"nothing arrived for {controller.config.upload_idle_timeout:g} s; the upload "
+            f"nothing arrived for {uploads.config.upload_idle_timeout:g} s; the upload "
             f"stays resumable at byte {offset}",
-            headers={**offset_headers(offset), "Connection": "close"},
+            headers={"Connection": "close"},
+            offset=offset,
         )
     if how is BodyEnd.TAKEN_OVER:
-        raise Conflict("a newer request continues this upload", headers=offset_headers(offset))
-    if how is BodyEnd.BROKEN or obj_after is None:
+        raise Conflict("a newer request continues this upload", offset=offset)
+    if how is BodyEnd.BROKEN or done is None:
         raise BadRequest(
             f"the upload broke off; it continues at byte {offset}",
-            headers={**offset_headers(offset), "Connection": "close"},
+            headers={"Connection": "close"},
+            offset=offset,
         )
-    status = obj_after["status"]
-    received = controller.store.received(key_of(obj_after))
-    body = {
-        "phase": status["phase"],
+    received = uploads.received(done)
+    answer = {
+        "phase": done.phase,
         "offset": received,
-        "progress": status.get("progress"),
-        "format": status.get("format"),
-        "checksum": status.get("checksum"),
+        "progress": done.status.get("progress"),
+        "format": done.status.get("format"),
+        "checksum": done.status.get("checksum"),
     }
     return web.Response(
-        text=json.dumps(body) + "\n",
+        text=json.dumps(answer) + "\n",
         content_type="application/json",
         headers=offset_headers(received),
     )
 
 
-def _image_for(request: web.Request) -> Object:
-    """For requests that only look: a Ready image's token still answers."""
-    controller = _controller(request)
-    token = request.match_info["token"]
-    key = controller.tokens.find(token) or controller.ready_tokens.find(token)
-    obj = controller.store.get(key) if key else None
-    if obj is None:
-        controller.find_upload(token)  # 410 for the token of a failed image
-        raise NotFound("no image waits for an upload at this URL (wrong or expired token)")
-    return obj
-
-
 async def head(request: web.Request) -> web.Response:
-    controller = _controller(request)
-    state, length = _upload_state(controller, _image_for(request))
+    uploads = _uploads(request)
+    state = uploads.state(uploads.lookup(request.match_info["token"]))
     headers = {
-        "Upload-Offset": str(state["offset"]),
+        "Upload-Offset": str(state.offset),
         "Tus-Resumable": TUS_VERSION,
         "Cache-Control": "no-store",
     }
-    if length is not None:
-        headers["Upload-Length"] = str(length)
+    if state.length is not None:
+        headers["Upload-Length"] = str(state.length)
     return web.Response(status=200, headers=headers)
 
 
 async def get(request: web.Request) -> web.Response:
-    state, _ = _upload_state(_controller(request), _image_for(request))
-    return web.Response(text=json.dumps(state) + "\n", content_type="application/json")
+    uploads = _uploads(request)
+    state = uploads.state(uploads.lookup(request.match_info["token"]))
+    return web.Response(text=json.dumps(state.to_json()) + "\n", content_type="application/json")
 
 
 async def options(request: web.Request) -> web.Response:
-    controller = _controller(request)
     return web.Response(
         status=204,
         headers={
             "Tus-Resumable": TUS_VERSION,
             "Tus-Version": TUS_VERSION,
-            "Tus-Max-Size": str(controller.config.max_image_size),
+            "Tus-Max-Size": str(_uploads(request).max_image_size),
             "Tus-Extension": "",
             "Allow": "PUT, POST, PATCH, HEAD, GET, OPTIONS",
         },

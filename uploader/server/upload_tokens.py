@@ -63,3 +63,33 @@ class TokenIndex:
         if entry is None or not hmac.compare_digest(entry.token.encode(), token.encode()):
             return None
         return entry.key
+
+
+class UploadTokens:
+    """The upload URLs' tokens of every image, by what the URL still answers: an image
+    that waits for (or takes) its upload, one that is Ready (409, and GET/HEAD still
+    answer), and one that failed (410 with the failure)."""
+
+    def __init__(self) -> None:
+        self.waiting = TokenIndex()
+        self.ready = TokenIndex()
+        self.failed = TokenIndex()
+
+    def wait(self, token: str, key: ImageKey) -> None:
+        self.failed.remove(key)
+        self.waiting.add(token, key)
+
+    def mark_ready(self, token: str | None, key: ImageKey) -> None:
+        self.waiting.remove(key)
+        if token:
+            self.ready.add(token, key)
+
+    def mark_failed(self, token: str | None, key: ImageKey) -> None:
+        self.waiting.remove(key)
+        if token:
+            self.failed.add(token, key)
+
+    def forget(self, key: ImageKey) -> None:
+        self.waiting.remove(key)
+        self.ready.remove(key)
+        self.failed.remove(key)

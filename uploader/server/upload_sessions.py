@@ -1,0 +1,314 @@
+"""Upload sessions: what the upload URLs ask of the server, without HTTP.
+
+An upload is one transfer fed by one request after another (uploader/server/upload_feed.py).
+Each request's part is first *admitted* (before its body is sent: the token, the offset,
+the lengths), then *received* (its body attached to the upload's feed at the offset where
+the last one stopped). `state` is what `HEAD` and `GET` report. Errors are the typed API
+errors of uploader/errors.py; those that tell a client where to continue carry the
+offset, which the HTTP layer (uploader/server/upload_api.py) turns into headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from importer.errors import ImageTooLarge
+from importer.sources.reader import Reader
+from importer.transfer import OpenedSource
+from uploader.errors import ApiError, BadRequest, Conflict, Gone, NotFound
+from uploader.server.checkpoints import Checkpoints, SavedUpload
+from uploader.server.config import ServerConfig
+from uploader.server.destinations import Storage
+from uploader.server.image_model import FAILED, PROVISIONING, READY, Image
+from uploader.server.image_states import ImageStates
+from uploader.server.transfers import ActiveTransfer, Transfers
+from uploader.server.upload_feed import BodyEnd, Busy, OffsetMismatch, UploadFeed
+from uploader.server.upload_tokens import ImageKey, UploadTokens
+
+log = logging.getLogger(__name__)
+
+NO_UPLOAD_HERE = "no image waits for an upload at this URL (wrong or expired token)"
+
+
+@dataclass
+class UploadPart:
+    """One request's part of an upload."""
+
+    body: Reader
+    start: int  # the offset of its first byte
+    total: int | None  # the image's length, when the request says it
+    whole: bool  # the whole image from byte 0 (no Content-Range, no Upload-Offset)
+    wrong_offset: Callable[[int], ApiError]  # the answer to a part at the wrong offset
+    filename: str | None = None
+    length: int | None = None  # the length of its body, when the request says it
+    ends_at_total: bool = False  # a tus PATCH: the upload ends when its length is reached
+
+    def check_fits(self, total: int | None) -> None:
+        """Refuses a body that would go past the end of an image of `total` bytes."""
+        if total is None:
+            return
+        if self.start > total:
+            raise BadRequest(
+                f"the upload continues at byte {self.start}, past the end of the image"
+            )
+        if self.length is not None and self.length > total - self.start:
+            raise BadRequest(
+                f"the body of {self.length} bytes from byte {self.start} goes past the end of "
+                f"the image, which is {total} bytes long"
+            )
+
+
+@dataclass
+class UploadState:
+    """What an upload URL reports: the phase, the bytes taken, and once Ready, what the
+    image holds (a client compares its file with it)."""
+
+    phase: str | None
+    offset: int
+    length: int | None
+    progress: str
+    format: str | None = None
+    checksum: dict[str, str] | None = None
+
+    def to_json(self) -> dict[str, object]:
+        state: dict[str, object] = {
+            "phase": self.phase,
+            "offset": self.offset,
+            "progress": self.progress,
+        }
+        if self.phase == READY:
+            state["format"] = self.format
+            state["checksum"] = self.checksum
+        return state
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+class UploadSessions:
+    def __init__(
+        self,
+        config: ServerConfig,
+        states: ImageStates,
+        tokens: UploadTokens,
+        storage: Storage,
+        transfers: Transfers,
+        checkpoints: Checkpoints,
+    ) -> None:
+        self.config = config
+        self.states = states
+        self.tokens = tokens
+        self.storage = storage
+        self.transfers = transfers
+        self.checkpoints = checkpoints
+
+    @property
+    def max_image_size(self) -> int:
+        return self.config.max_image_size
+
+    def find(self, token: str) -> Image:
+        """The image a token uploads to; NotFound for an unknown or expired token,
+        Conflict for an image that is already Ready, Gone (with the failure's reason and
+        message) for a Failed one."""
+        key = self.tokens.waiting.find(token)
+        if key is None:
+            ready = self.tokens.ready.find(token)
+            if ready is not None:
+                raise Conflict(
+                    f"the image {ready[2]} is already Ready; it cannot be uploaded again"
+                )
+            failed_key = self.tokens.failed.find(token)
+            failed = self.states.get(failed_key) if failed_key is not None else None
+            # A replaced spec gives the image a new token: the old one is merely unknown.
+            if failed is not None and failed.upload_token == token:
+                why = failed.ready_condition()
+                if failed.phase == FAILED and why is not None:
+                    raise Gone(why["message"], why["reason"])
+            raise NotFound(NO_UPLOAD_HERE)
+        image = self.states.get(key)
+        if image is None:
+            raise NotFound(NO_UPLOAD_HERE)
+        return image
+
+    def lookup(self, token: str) -> Image:
+        """For requests that only look: a Ready image's token still answers."""
+        key = self.tokens.waiting.find(token) or self.tokens.ready.find(token)
+        image = self.states.get(key) if key else None
+        if image is None:
+            self.find(token)  # Gone for the token of a failed image
+            raise NotFound(NO_UPLOAD_HERE)
+        return image
+
+    def offset(self, key: ImageKey) -> int:
+        """The bytes of the image taken so far, where an upload continues."""
+        transfer = self.transfers.get(key)
+        if transfer is not None and transfer.feed is not None:
+            return transfer.feed.offset
+        saved = self.checkpoints.kept(key)
+        return saved.offset if saved is not None else 0
+
+    def _known_total(self, key: ImageKey) -> int | None:
+        transfer = self.transfers.get(key)
+        if transfer is not None and transfer.feed is not None:
+            return transfer.feed.total
+        saved = self.checkpoints.kept(key)
+        return saved.total if saved is not None else None
+
+    def state(self, image: Image) -> UploadState:
+        key = image.key
+        transfer = self.transfers.get(key)
+        length = transfer.feed.total if transfer is not None and transfer.feed else None
+        state = UploadState(
+            image.phase, self.offset(key), length, str(image.status.get("progress", ""))
+        )
+        if image.phase == READY:
+            state.offset = state.length = self.states.store.received(key)
+            state.format = image.status.get("format")
+            state.checksum = image.status.get("checksum")
+        return state
+
+    def check_size(self, part: UploadPart) -> None:
+        """Refuses a body or an image (as the request declares it) larger than the server
+        takes."""
+        limit = self.config.max_image_size
+        if part.length is not None and part.length > limit:
+            raise ImageTooLarge(
+                f"the upload of {part.length} bytes exceeds the limit of {limit} bytes"
+            )
+        if part.total is not None and part.total > limit:
+            raise ImageTooLarge(
+                f"the image of {part.total} bytes (Upload-Length or the Content-Range total) "
+                f"exceeds the limit of {limit} bytes"
+            )
+
+    def _check_part(self, token: str, part: UploadPart) -> Image:
+        """Refuses, before its body is sent, a part that cannot be taken now."""
+        image = self.find(token)
+        key = image.key
+        transfer = self.transfers.get(key)
+        feed = transfer.feed if transfer is not None else None
+        if feed is not None and feed.attached is not None and not feed.attached.stalled:
+            raise Conflict("another upload to this image is in progress", offset=feed.offset)
+        offset = self.offset(key)
+        if not part.whole and part.start != offset:
+            raise part.wrong_offset(offset)
+        known = self._known_total(key)
+        if not part.whole and None not in (part.total, known) and part.total != known:
+            raise BadRequest(
+                f"this upload is {known} bytes long; the request says {part.total} "
+                "(Upload-Length or the Content-Range total)"
+            )
+        return image
+
+    def admit(self, token: str, part: UploadPart) -> Image:
+        """Checks a part before its body is read, in the order of the answers: the token,
+        the sizes, its offset (the answer says where to continue), that its lengths agree
+        with the upload's, then that the image's length is known where it must be:
+        ContainerRegistry storage writes it before the first byte, and a tus upload ends
+        when it is reached."""
+        self.find(token)
+        self.check_size(part)
+        image = self._check_part(token, part)
+        known = part.total
+        if known is None and not part.whole:
+            transfer = self.transfers.get(image.key)
+            known = transfer.feed.total if transfer is not None and transfer.feed else None
+            part.check_fits(known)
+        self.storage.check_length(image.manifest, known)
+        if part.ends_at_total and known is None:
+            raise BadRequest(
+                "a tus PATCH needs the upload's length: send Upload-Length with the first "
+                "PATCH (tuspy: TusClient(url, headers={'Upload-Length': str(size)}))"
+            )
+        return image
+
+    async def receive(self, token: str, part: UploadPart) -> tuple[BodyEnd, Image | None]:
+        """Takes one request's part of an upload. Returns how its body ended and, when the
+        image is complete, the image (Ready; errors are raised)."""
+        image = self._check_part(token, part)
+        key = image.key
+        transfer = self.transfers.get(key)
+        if transfer is not None and (transfer.feed is None or part.whole):
+            # A whole-image request starts over what an earlier one left parked.
+            await self.transfers.cancel(key, Conflict("the upload started over from byte 0"))
+            transfer = None
+        if transfer is None:
+            saved = self.checkpoints.kept(key)
+            if saved is not None and part.whole:
+                await asyncio.to_thread(self.checkpoints.forget, image)
+                saved = None
+            start = saved.offset if saved is not None else 0
+            if part.start != start:
+                raise part.wrong_offset(start)
+            transfer = self._start(image, part, saved)
+        assert transfer.feed is not None and transfer.task is not None
+        try:
+            body = await transfer.feed.attach(part.body, part.start, part.total, part.whole)
+        except Busy:
+            raise Conflict(
+                "another upload to this image is in progress", offset=transfer.feed.offset
+            ) from None
+        except OffsetMismatch as exc:
+            raise part.wrong_offset(exc.offset) from None
+        await asyncio.wait({body.end, transfer.task}, return_when=asyncio.FIRST_COMPLETED)
+        how = body.end.result() if body.end.done() else BodyEnd.STOPPED
+        if how in (BodyEnd.COMPLETE, BodyEnd.STOPPED) or transfer.task.done():
+            return BodyEnd.COMPLETE, await asyncio.shield(transfer.task)
+        return how, None
+
+    def received(self, image: Image) -> int:
+        """The bytes a complete upload took."""
+        return self.states.store.received(image.key)
+
+    def _start(self, image: Image, part: UploadPart, saved: SavedUpload | None) -> ActiveTransfer:
+        transfer = self.transfers.new(image)
+        feed = UploadFeed(
+            saved.total if saved is not None else part.total,
+            self.config.upload_grace,
+            self.config.upload_idle_timeout,
+            on_park=lambda how: self._on_park(transfer, how),
+            offset=saved.offset if saved is not None else 0,
+        )
+        transfer.feed = feed
+        transfer.saved_spills = saved.spill_files if saved is not None else frozenset()
+        filename = saved.filename if saved is not None else part.filename
+        start = feed.offset
+        self.checkpoints.take(transfer.key)
+
+        @contextlib.asynccontextmanager
+        async def body() -> AsyncIterator[OpenedSource]:
+            try:
+                yield OpenedSource(feed, feed.total, filename, offset=start)
+            finally:
+                feed.close()
+
+        task = asyncio.create_task(self.transfers.run(transfer, image, body, saved))
+        task.add_done_callback(_retrieve)  # the outcome is in the status, if nobody asks
+        transfer.task = task
+        return transfer
+
+    def _on_park(self, transfer: ActiveTransfer, how: BodyEnd | None) -> None:
+        """An upload waits for its next part (`how` its last one ended), or continues."""
+        image = self.transfers.current(transfer)
+        if image is None or transfer.feed is None:
+            return
+        offset = transfer.feed.offset
+        if how is None:
+            image.set_phase(PROVISIONING, PROVISIONING, f"Receiving the image from byte {offset}")
+        else:
+            total = transfer.feed.total
+            of_total = f" of {total}" if total is not None else ""
+            self.states.wait_for_upload(
+                image,
+                f"The upload stopped at byte {offset}{of_total} ({how.value}); continue it "
+                "from there: HEAD the upload URL for Upload-Offset, then "
+                "curl -C OFFSET -T FILE URL",
+            )
+        self.states.save(image, durable=False)
