@@ -1,5 +1,5 @@
-"""The client's side of access (CONTRACT section 7): bearer tokens from `--token`,
-`DVCR_TOKEN` or `DVCR_TOKEN_FILE`, and TLS checked against `--certificate-authority` or
+"""The client's side of access (README: "Access, and what the server refuses"): bearer
+tokens from `--token`, `DVCR_TOKEN` or `DVCR_TOKEN_FILE`, and TLS checked against `--certificate-authority` or
 skipped with `--insecure-skip-tls-verify`. Real server, real certificates, the command
 as a subprocess.
 

@@ -1,7 +1,7 @@
 """A corpus of hostile requests and manifests against one live server, while an upload runs.
 
-Every entry must get its clear answer (the code and `reason` of CONTRACT.md); meanwhile
-`/healthz` keeps answering, the upload that started first ends Ready with the right
+Every entry must get its clear answer (the code and `reason` the README lists under "API");
+meanwhile `/healthz` keeps answering, the upload that started first ends Ready with the right
 checksum, and the log holds no traceback. The corpus runs in the order written, against
 the same server, so one entry's damage would show in the next ones.
 """
@@ -91,7 +91,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             code, _ = curl("-o", "/dev/null", "-m", "30", srv.url + "/healthz")
             assert code == 200
             worst[0] = max(worst[0], time.monotonic() - started)
-            time.sleep(0.1)
+            time.sleep(0.1)  # the pace of the health checks, not a wait for a state
 
     watcher = threading.Thread(target=watch_health, daemon=True)
     watcher.start()
