@@ -25,7 +25,8 @@ from importer.job_endpoints import Destination, RegistrySettings, source_opener
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
 from importer.pipeline import PipelineOptions, TransferResult
 from importer.progress import Progress
-from importer.transfer import OpenedSource, run_transfer
+from importer.sources.opened import OpenedSource
+from importer.transfer import run_transfer
 
 log = logging.getLogger("dvcr-importer")
 

@@ -86,6 +86,8 @@ class _Spec:
         """Raises ValueError unless the unpacked context is one OpenSSL would have after
         hashing `hashed` bytes: bit count, partial block length, digest length."""
         nl, nh, _, num = fields[self.words - 2 : self.words + 2]
+        if not (isinstance(nl, int) and isinstance(nh, int) and isinstance(num, int)):
+            raise ValueError(f"{self.name} state: the counters are not numbers")
         if (nh << 32 | nl) != (hashed * 8) & _BIT_COUNT_MASK or num != hashed % _BLOCK:
             raise ValueError(f"{self.name} state: counters disagree with {hashed} bytes hashed")
         if self.name == "sha256" and fields[self.words + 2] != self.digest_size:

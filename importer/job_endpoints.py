@@ -16,25 +16,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from importer.errors import TransferError
-from importer.formats.base import Limits, NullTarget
-from importer.formats.decoder import ImageDecoder
+from importer.formats.base import Limits
 from importer.oci.auth import Credentials
-from importer.oci.endpoint import connect_registry
-from importer.oci.layer import safe_filename
 from importer.oci.layout import OciLayout
 from importer.oci.reference import Reference
+from importer.oci.registry import connect_registry
 from importer.oci.registry_store import RegistryStore
 from importer.pipeline import Sink
-from importer.sinks.dvcr import DvcrSink, ImageStore
-from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
-from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
+from importer.sinks.factory import ClaimLocation, DvcrLocation, SinkFactory
+from importer.sources.opened import OpenedSource, SourceOpener
 from importer.sources.openers import (
     container_image_source,
     disk_file_source,
     file_source,
     http_source,
 )
-from importer.transfer import OpenedSource, SourceOpener
 
 
 class EndpointError(TransferError):
@@ -86,8 +82,8 @@ class Destination:
         self.endpoint = endpoint
         self.settings = settings
         self.limits = limits
-        self._store: ImageStore | None = None
-        self._repo = self._tag = ""
+        self._sinks = SinkFactory(limits)
+        self._dvcr_image: DvcrLocation | None = None  # connected on first use
 
     @property
     def is_volume(self) -> bool:
@@ -95,46 +91,27 @@ class Destination:
 
     async def open_sink(self, source: OpenedSource) -> Sink:
         if self.is_volume:
-            return self._volume_sink()
+            path = Path(self.endpoint)
+            # A directory (made if missing) gets disk.img; a file or device is written in place.
+            block = path.exists() and not path.is_dir()
+            return self._sinks.claim_sink(ClaimLocation(path, block))
         if source.length is None:
             raise EndpointError(
                 "a DVCR destination needs the image's length before its data, and the "
                 "source did not say it"
             )
-        store = await self._dvcr()
-        validator = ImageDecoder(NullTarget(self.limits.max_virtual_size), self.limits)
-        return await DvcrSink.open(
-            store,
-            self._repo,
-            self._tag,
-            safe_filename(source.filename),
-            source.length,
-            validator,
-        )
+        return await self._sinks.dvcr_sink(await self._dvcr(), source.length, source.filename)
 
-    def _volume_sink(self) -> Sink:
-        path = Path(self.endpoint)
-        target: ClaimTarget
-        if path.is_dir() or not path.exists():
-            target = FileClaimTarget(path, capacity=self.limits.max_virtual_size)
-        else:
-            target = BlockClaimTarget(path)
-        rate = sink_rate_from_env()
-        if rate:
-            target = ThrottledTarget(target, rate)  # type: ignore[assignment]
-        return PvcSink(target, ImageDecoder(target, self.limits))
-
-    async def _dvcr(self) -> ImageStore:
-        if self._store is not None:
-            return self._store
+    async def _dvcr(self) -> DvcrLocation:
+        if self._dvcr_image is not None:
+            return self._dvcr_image
         if self.endpoint.startswith("oci:"):
-            directory, self._repo, self._tag = _split_oci(self.endpoint)
-            self._store = OciLayout(directory)
-            return self._store
+            directory, repo, tag = _split_oci(self.endpoint)
+            self._dvcr_image = DvcrLocation(OciLayout(directory), repo, tag)
+            return self._dvcr_image
         reference = Reference.parse(self.endpoint)
         if reference.tag is None:
             raise EndpointError(f"the destination {self.endpoint!r} needs a tag")
-        self._repo, self._tag = reference.repository, reference.tag
         host = reference.endpoint_host
         client = await connect_registry(
             host,
@@ -142,9 +119,10 @@ class Destination:
             ca_bundle=self.settings.ca_bundle,
             insecure=self.settings.insecure,
         )
-        self._store = RegistryStore(client)
-        return self._store
+        store = RegistryStore(client)
+        self._dvcr_image = DvcrLocation(store, reference.repository, reference.tag)
+        return self._dvcr_image
 
     async def close(self) -> None:
-        if isinstance(self._store, RegistryStore):
-            await self._store.close()
+        if self._dvcr_image is not None and isinstance(self._dvcr_image.store, RegistryStore):
+            await self._dvcr_image.store.close()

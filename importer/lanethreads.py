@@ -20,10 +20,8 @@ import contextlib
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from importer.pipeline import Lane
+from importer.lane import Lane
 
 
 class Batch:

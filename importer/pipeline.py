@@ -19,14 +19,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import mmap
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from importer.checksums import ChecksumLane, verify_checksums
 from importer.directio import aligned_buffer
 from importer.errors import ImageTooLarge, InvalidImage, Suspended, TransferError
 from importer.formats.base import ImageInfo
+from importer.lane import Lane
 from importer.lanethreads import Batch, LaneThreads
 from importer.progress import Progress
 from importer.sources.reader import ByteStream, Reader, as_reader
@@ -42,28 +43,28 @@ DEPTH = 8
 IDLE_AFTER = 1.0
 
 
-class Lane(Protocol):
-    """A consumer of the received stream. `update` and `finish` run on a lane thread, one
-    call at a time, in order; a lane that raised is not called again."""
-
-    name: str
-
-    def update(self, data: memoryview) -> None: ...
-
-    def finish(self) -> None: ...
-
-
 class Sink(Protocol):
     """Where the image goes. Its lanes see the received bytes; `commit` makes the result
     durable and visible once everything is in and checked; `abort` leaves nothing behind."""
 
-    def lanes(self) -> list[Lane]: ...
+    def lanes(self) -> Sequence[Lane]: ...
 
     def image_info(self) -> ImageInfo: ...
 
     async def commit(self, result: TransferResult) -> None: ...
 
     async def abort(self) -> None: ...
+
+
+@runtime_checkable
+class SnapshottableSink(Sink, Protocol):
+    """A sink whose partial result can be saved, for the transfer to continue from a
+    checkpoint in another process (see `Checkpoint`)."""
+
+    def snapshot(self) -> bytes | None:
+        """The sink's state at the bytes fed so far, durable once it returns; None when
+        this stream cannot be continued. Called only while no lane runs."""
+        ...
 
 
 @dataclass
@@ -175,8 +176,9 @@ class Pipeline:
         assert self.options.on_checkpoint is not None
         await self._drain()
         # The lane threads are idle now, so another thread may look at the sink's state.
-        snapshot = getattr(self.sink, "snapshot", None)
-        sink_state = await asyncio.to_thread(snapshot) if snapshot is not None else None
+        sink_state = None
+        if isinstance(self.sink, SnapshottableSink):
+            sink_state = await asyncio.to_thread(self.sink.snapshot)
         hashes = {lane.algorithm: lane.state() for lane in self.checksums}
         await self.options.on_checkpoint(Checkpoint(self._dispatched, hashes, sink_state))
         self._next_checkpoint = self._checkpoint_after(self._dispatched)
@@ -273,6 +275,7 @@ __all__ = [
     "Pipeline",
     "PipelineOptions",
     "Sink",
+    "SnapshottableSink",
     "TransferError",
     "TransferResult",
 ]

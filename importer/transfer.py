@@ -9,30 +9,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 
 from importer.errors import StartOver
 from importer.pipeline import Pipeline, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress
-from importer.sources.reader import ByteStream
+from importer.sources.opened import OpenedSource, SourceOpener
+
+__all__ = ["OpenedSource", "OptionsFor", "SinkOpener", "SourceOpener", "run_transfer"]
 
 log = logging.getLogger(__name__)
 
 MAX_START_OVERS = 3
 
-
-@dataclass
-class OpenedSource:
-    """A source, ready to stream: its bytes, their length when known, a file name if any."""
-
-    stream: ByteStream
-    length: int | None
-    filename: str | None = None
-    offset: int = 0  # where `stream` starts in the image (a transfer that resumes)
-
-
-SourceOpener = Callable[[], AbstractAsyncContextManager[OpenedSource]]
 SinkOpener = Callable[[OpenedSource], Awaitable[Sink]]
 OptionsFor = Callable[[OpenedSource], PipelineOptions]
 

@@ -1,4 +1,5 @@
-"""Where a registry is reached: the scheme of a registry named without one.
+"""Where and how a registry is reached: the scheme of a registry named without one, and
+the TLS settings of HTTPS (`tls_context`).
 
 The rule is Docker's:
 
@@ -14,25 +15,22 @@ The rule is Docker's:
 
 The decision is made once per client by `GET /v2/` (401 counts as reachable), on the
 client's first request: `RegistryClient("127.0.0.1:5000")` works as is, and
-`connect_registry()` makes the decision up front so that an unreachable registry shows up
-at once. `resolve_registry_url()` answers the URL alone, for callers that only need it.
+`connect_registry()` (importer/oci/registry.py) makes the decision up front so that an
+unreachable registry shows up at once. `resolve_registry_url()` answers the URL alone, for
+callers that only need it.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 from yarl import URL
 
 from importer.netguard import refusal_in
 from importer.oci.errors import RegistryError, error_from_exception
-
-if TYPE_CHECKING:
-    from importer.oci.auth import Credentials
-    from importer.oci.registry import RegistryClient
 
 PROBE_TIMEOUT = 30.0
 
@@ -109,6 +107,20 @@ def registry_host(host_or_url: str) -> str:
     return Endpoint.parse(host_or_url).netloc
 
 
+def tls_context(ca_bundle: bytes | None, insecure: bool) -> ssl.SSLContext | bool:
+    """The TLS settings of a registry reached over HTTPS: the default trust store plus the
+    PEM bundle when given; `False` skips verification (`insecure`)."""
+    if insecure:
+        return False
+    context = ssl.create_default_context()
+    if ca_bundle:
+        try:
+            context.load_verify_locations(cadata=ca_bundle.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as exc:
+            raise RegistryError(f"the registry CA bundle cannot be used: {exc}") from None
+    return context
+
+
 async def _probe(session: aiohttp.ClientSession, base: URL, timeout: float) -> None:
     """GET /v2/ and nothing more: any HTTP answer means the scheme works."""
     url = base.with_path(f"{base.path.rstrip('/')}/v2/")
@@ -166,8 +178,6 @@ async def resolve_registry_url(
 ) -> str:
     """`http://...` or `https://...` for a registry named with or without a scheme (an
     explicit scheme is returned unchanged, without a request)."""
-    from importer.oci.transport import tls_context
-
     endpoint = Endpoint.parse(host_or_url)
     if endpoint.scheme is not None:
         return str(endpoint.url)
@@ -181,30 +191,3 @@ async def resolve_registry_url(
             timeout=timeout,
         )
     return str(url)
-
-
-async def connect_registry(
-    host_or_url: str,
-    *,
-    credentials: Credentials | None = None,
-    ca_bundle: bytes | None = None,
-    insecure: bool = False,
-    **options: float | int,
-) -> RegistryClient:
-    """A RegistryClient whose scheme is already decided (one `GET /v2/` for a name without
-    a scheme); the caller closes it. `options` go to RegistryClient (io_timeout, ...)."""
-    from importer.oci.registry import RegistryClient
-
-    client = RegistryClient(
-        host_or_url,
-        credentials=credentials,
-        ca_bundle=ca_bundle,
-        insecure=insecure,
-        **options,  # type: ignore[arg-type]
-    )
-    try:
-        await client.resolve_endpoint()
-    except BaseException:
-        await client.close()
-        raise
-    return client

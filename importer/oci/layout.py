@@ -26,6 +26,7 @@ from importer.errors import ProvisioningFailed, SourceUnreachable, StorageFull
 from importer.oci.disklayer import DiskFile, FileSource, disk_from_layers
 from importer.oci.image import CONFIG_TYPE, MANIFEST_TYPE, Descriptor, digest_of, manifest_blob
 from importer.oci.pull import DEFAULT_PLATFORM, ManifestGetter, Platform, image_layers
+from importer.oci.store import LayerUpload
 from importer.writeback import WRITEBACK_EVERY, start_writeback
 
 REF_ANNOTATION = "org.opencontainers.image.ref.name"
@@ -115,9 +116,12 @@ class OciLayout:
         return await asyncio.to_thread(LayoutBlobUpload, self)
 
     async def publish(
-        self, repo: str, tag: str, layer: LayoutBlobUpload, layer_desc: Descriptor, config: bytes
+        self, repo: str, tag: str, layer: LayerUpload, layer_desc: Descriptor, config: bytes
     ) -> str:
-        """Makes the image visible under `repo:tag`, all or nothing; returns the manifest digest."""
+        """Makes the image visible under `repo:tag`, all or nothing; returns the manifest digest.
+        `layer` is one this layout began."""
+        if not isinstance(layer, LayoutBlobUpload):
+            raise TypeError(f"an OCI layout cannot publish a {type(layer).__name__}")
         async with self._lock:
             return await asyncio.to_thread(
                 self._publish, f"{repo}:{tag}", layer, layer_desc, config
@@ -270,7 +274,8 @@ class OciLayout:
         os.replace(temp, target)
 
     def _read_index(self) -> dict[str, Any]:
-        return json.loads(self.index_path.read_text())
+        index: dict[str, Any] = json.loads(self.index_path.read_text())
+        return index
 
     def _write_index(self, index: dict[str, Any]) -> None:
         self._write_atomically(self.index_path, json.dumps(index, indent=1).encode())
@@ -278,4 +283,5 @@ class OciLayout:
 
     @staticmethod
     def _ref_of(entry: dict[str, Any]) -> str:
-        return entry.get("annotations", {}).get(REF_ANNOTATION, "")
+        ref: str = entry.get("annotations", {}).get(REF_ANNOTATION, "")
+        return ref

@@ -23,6 +23,7 @@ __all__ = [
     "Credentials",
     "RegistryClient",
     "RegistryError",
+    "connect_registry",
 ]
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -272,9 +273,39 @@ class RegistryClient:
                     raise RegistryError(f"{what}: the answer is not JSON") from None
                 page = document.get(field) if isinstance(document, dict) else None
                 names.extend(str(name) for name in page or [])
-                link = response.links.get("next", {}).get("url")
+                next_link = response.links.get("next")
+                link = next_link.get("url") if next_link is not None else None
                 next_url = response.url.join(URL(str(link), encoded=True)) if link else None
         return names
 
     def _url(self, repo: str, rest: str) -> URL:
         return self._transport.url(f"{check_repository(repo)}/{rest}")
+
+
+async def connect_registry(
+    host_or_url: str,
+    *,
+    credentials: Credentials | None = None,
+    ca_bundle: bytes | None = None,
+    insecure: bool = False,
+    io_timeout: float = DEFAULT_IO_TIMEOUT,
+    upload_queue_items: int = QUEUE_ITEMS,
+    guard: AddressGuard | None = None,
+) -> RegistryClient:
+    """A RegistryClient whose scheme is already decided (one `GET /v2/` for a name without
+    a scheme, see importer/oci/endpoint.py); the caller closes it."""
+    client = RegistryClient(
+        host_or_url,
+        credentials=credentials,
+        ca_bundle=ca_bundle,
+        insecure=insecure,
+        io_timeout=io_timeout,
+        upload_queue_items=upload_queue_items,
+        guard=guard,
+    )
+    try:
+        await client.resolve_endpoint()
+    except BaseException:
+        await client.close()
+        raise
+    return client

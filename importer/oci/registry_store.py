@@ -24,6 +24,7 @@ from importer.oci.errors import RegistryError
 from importer.oci.image import CONFIG_TYPE, MANIFEST_TYPE, Descriptor, manifest_blob
 from importer.oci.pull import open_registry_disk
 from importer.oci.registry import DOCKER_MANIFEST_LIST, OCI_INDEX, RegistryClient
+from importer.oci.store import LayerUpload
 from importer.oci.upload import BlobUpload
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,12 @@ class RegistryStore:
         self,
         repo: str,
         tag: str,
-        layer: RegistryLayerUpload,
+        layer: LayerUpload,
         layer_desc: Descriptor,
         config: bytes,
     ) -> str:
+        if not isinstance(layer, RegistryLayerUpload):
+            raise TypeError(f"a registry store cannot publish a {type(layer).__name__}")
         await layer.flush()
         await layer.upload.finish(layer_desc.digest)
         config_digest = await self.client.push_blob(repo, config)

@@ -8,7 +8,6 @@ connection failure on a loopback or insecure registry). With a `guard`
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,24 +20,11 @@ from importer.netguard import AddressGuard, connector
 from importer.oci.auth import Credentials
 from importer.oci.authorizer import Authorizer
 from importer.oci.challenge import parse_challenges
-from importer.oci.endpoint import Endpoint, choose_url
+from importer.oci.endpoint import Endpoint, choose_url, tls_context
 from importer.oci.errors import RegistryError, error_from_answer, error_from_exception
 
 CONNECT_TIMEOUT = 30.0
 DEFAULT_IO_TIMEOUT = 300.0
-
-
-def tls_context(ca_bundle: bytes | None, insecure: bool) -> ssl.SSLContext | bool:
-    """The default trust store plus the PEM bundle when given; `False` skips verification."""
-    if insecure:
-        return False
-    context = ssl.create_default_context()
-    if ca_bundle:
-        try:
-            context.load_verify_locations(cadata=ca_bundle.decode("ascii", "replace"))
-        except (ssl.SSLError, ValueError) as exc:
-            raise RegistryError(f"the registry CA bundle cannot be used: {exc}") from None
-    return context
 
 
 def with_query_param(url: URL, name: str, value: str) -> URL:

@@ -8,48 +8,14 @@ never sees a partial image, and a refused stream leaves no tag behind.
 from __future__ import annotations
 
 import asyncio
-from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol
 
 from importer.formats.base import Converter, ImageInfo
-from importer.oci.disklayer import DiskFile
+from importer.lane import Lane
 from importer.oci.image import LAYER_TYPE, Descriptor, config_blob, image_labels
 from importer.oci.layer import LayerLane
+from importer.oci.store import ImageStore, LayerUpload
+from importer.pipeline import TransferResult
 from importer.sinks.decode import DecodeLane
-
-if TYPE_CHECKING:
-    from importer.pipeline import Lane, TransferResult
-
-
-class LayerUpload(Protocol):
-    """A layer blob being written: `write` from a lane thread; the rest on the loop."""
-
-    def write(self, data: bytes | memoryview) -> None: ...
-
-    async def cancel(self) -> None: ...
-
-
-class ImageStore(Protocol):
-    """A DVCR: the embedded OCI layout or a registry."""
-
-    async def begin_layer(self, repo: str) -> LayerUpload: ...
-
-    async def publish(
-        self, repo: str, tag: str, layer: LayerUpload, layer_desc: Descriptor, config: bytes
-    ) -> str: ...
-
-    async def remove(self, repo: str, tag: str) -> None: ...
-
-    def reference(self, repo: str, tag: str) -> str: ...
-
-    async def copy(self, src_repo: str, src_tag: str, dst_repo: str, dst_tag: str) -> None:
-        """`dst_repo:dst_tag` becomes the same image, sharing its blobs (no bytes copied
-        where the store can avoid it). A missing source raises SourceUnreachable."""
-        ...
-
-    def open_disk(self, repo: str, tag: str) -> AbstractAsyncContextManager[DiskFile]:
-        """The disk file of the image, streamed (see importer/oci/disklayer.py)."""
-        ...
 
 
 class DvcrSink:

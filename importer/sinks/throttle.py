@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
-from importer.formats.base import Buffer
+from importer.formats.base import Buffer, RawTarget
 
 ENV_SINK_RATE = "DVCR_FAULT_SINK_BYTES_PER_SEC"
 
@@ -21,13 +20,17 @@ def sink_rate_from_env() -> int | None:
 
 
 class ThrottledTarget:
-    """Wraps a claim target; each write sleeps so the average rate stays at `rate`."""
+    """Wraps a target; each write sleeps so the average rate stays at `rate` (zeroing and
+    flushing pass through as they are)."""
 
-    def __init__(self, target: Any, rate: int) -> None:
+    def __init__(self, target: RawTarget, rate: int) -> None:
         self._target = target
         self._rate = rate
         self._started = time.monotonic()
         self._bytes = 0
+
+    def declare_size(self, virtual_size: int) -> None:
+        self._target.declare_size(virtual_size)
 
     def write(self, offset: int, data: Buffer) -> None:
         self._target.write(offset, data)
@@ -36,5 +39,14 @@ class ThrottledTarget:
         if ahead > 0:
             time.sleep(ahead)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._target, name)
+    def zero(self, offset: int, length: int) -> None:
+        self._target.zero(offset, length)
+
+    def flush(self) -> None:
+        self._target.flush()
+
+
+def throttled_from_env(target: RawTarget) -> RawTarget:
+    """`target`, slowed to `DVCR_FAULT_SINK_BYTES_PER_SEC` when that is set."""
+    rate = sink_rate_from_env()
+    return ThrottledTarget(target, rate) if rate else target

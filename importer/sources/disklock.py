@@ -35,7 +35,8 @@ def _lock_request(kind: int, start: int, length: int) -> bytes:
 def _conflicting_lock(fd: int, kind: int, start: int, length: int) -> bool:
     """True when some other open file holds a lock that conflicts with `kind` there."""
     answer = fcntl.fcntl(fd, _F_OFD_GETLK, _lock_request(kind, start, length))
-    return _FLOCK.unpack(answer)[0] != fcntl.F_UNLCK
+    held: int = _FLOCK.unpack(answer)[0]
+    return held != fcntl.F_UNLCK
 
 
 def _exclusive_flock_held(fd: int) -> bool:

@@ -19,7 +19,7 @@ from importer.oci.disklayer import DiskFile
 from importer.sources.container_image import open_container_image
 from importer.sources.file import file_chunks, source_length
 from importer.sources.http import HttpSource
-from importer.transfer import OpenedSource, SourceOpener
+from importer.sources.opened import OpenedSource, SourceOpener
 
 
 def http_source(

@@ -38,7 +38,7 @@ class TransportBody(asyncio.BufferedProtocol):
         """`buffered`: the body's first bytes, already received; `length`: the whole
         body's."""
         self._transport = transport
-        self._previous = cast(asyncio.BaseProtocol, transport.get_protocol())
+        self._previous = transport.get_protocol()
         self._pending = memoryview(buffered)[:length]
         self._left = length - len(self._pending)  # still to come from the socket
         self.length = length
@@ -49,7 +49,7 @@ class TransportBody(asyncio.BufferedProtocol):
         self._spill = memoryview(bytearray(_SPILL))
         self._error: BaseException | None = None
         self._lost = False
-        self._lost_with: BaseException | None = None
+        self._lost_with: Exception | None = None
         self._released = False
         if self._left:
             transport.pause_reading()

@@ -249,14 +249,13 @@ def test_update_releases_the_gil() -> None:
     longest pause of a busy loop stays far below the duration of the call (with the GIL
     held, as with ctypes.PyDLL, the pause is the whole call)."""
     data = bytes(256 << 20)
-    started = threading.Event()
+    looping = threading.Event()
     done = threading.Event()
     took: list[float] = []
 
     def work() -> None:
         hasher = ResumableHash("md5")
-        started.set()
-        time.sleep(0.05)  # the busy loop below is running by then
+        assert looping.wait(10)  # the busy loop below is measuring
         t0 = time.perf_counter()
         hasher.update(data)  # one call, several hundred milliseconds
         took.append(time.perf_counter() - t0)
@@ -264,9 +263,9 @@ def test_update_releases_the_gil() -> None:
 
     thread = threading.Thread(target=work)
     thread.start()
-    started.wait()
     longest_pause = 0.0
     last = time.perf_counter()
+    looping.set()
     while not done.is_set():
         now = time.perf_counter()
         longest_pause = max(longest_pause, now - last)

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from dvcrimage import check_image, skopeo_copy
 from nginxproc import Nginx
 from registryproc import Registry
 from serverproc import free_port
+from waiting import wait_until
 
 
 def run_importer(env: dict[str, str], tmp_path: Path) -> tuple[int, dict]:
@@ -108,17 +108,19 @@ def test_metrics_while_running(tmp_path: Path) -> None:
             "DVCR_FAULT_SINK_BYTES_PER_SEC": str(8 * MiB),  # slowed on purpose
         },
     )
+
+    def progress_scraped() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
+                text: str = response.read().decode()
+        except OSError:
+            return None
+        return text if 'registry_progress{ownerUID="owner-7"}' in text else None
+
     try:
-        scraped = ""
-        deadline = time.monotonic() + 20
-        while 'registry_progress{ownerUID="owner-7"}' not in scraped:
-            assert time.monotonic() < deadline, scraped
-            time.sleep(0.2)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as response:
-                    scraped = response.read().decode()
-            except OSError:
-                continue
+        scraped = str(
+            wait_until(progress_scraped, timeout=20, interval=0.2, what="the progress metric")
+        )
         assert proc.wait(60) == 0
     finally:
         proc.kill()

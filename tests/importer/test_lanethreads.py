@@ -6,9 +6,9 @@ import asyncio
 import threading
 import time
 import weakref
-from collections.abc import Callable
 
 import pytest
+from waiting import wait_until_async
 
 from importer.lanethreads import LanePool, LaneThreads
 
@@ -93,7 +93,7 @@ class Watched(Recorder):
         self.overlapped |= self.inside > 1
         self.idents.add(threading.get_ident())
         if self.delay:
-            time.sleep(self.delay)
+            time.sleep(self.delay)  # a slow lane, on purpose
         super().update(data)
         self.inside -= 1
 
@@ -132,19 +132,10 @@ async def test_idle_workers_end_and_come_back() -> None:
     threads = LaneThreads([Recorder("a"), Recorder("b")], pool)
     await threads.update(memoryview(b"x")).wait()
     assert 1 <= pool.threads <= 2
-    assert await eventually(lambda: pool.threads == 0)
+    await wait_until_async(lambda: pool.threads == 0, timeout=2.0, what="idle workers to end")
     await threads.update(memoryview(b"y")).wait()  # new workers for new jobs
     await threads.finish().wait()
-    assert await eventually(lambda: pool.draining == 0)
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.01)
-    return True
+    await wait_until_async(lambda: pool.draining == 0, timeout=2.0, what="no worker draining")
 
 
 async def test_stop_skips_what_is_queued() -> None:
@@ -152,7 +143,7 @@ async def test_stop_skips_what_is_queued() -> None:
     lane = Watched("slow", delay=0.05)
     threads = LaneThreads([lane], pool)
     batches = [threads.update(memoryview(bytes([i]))) for i in range(10)]
-    await asyncio.sleep(0.02)  # the first job runs
+    await wait_until_async(lambda: lane.inside == 1, what="the first job to run")
     await asyncio.to_thread(threads.stop)
     assert len(lane.seen) <= 2
     for batch in batches:

@@ -9,6 +9,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from waiting import wait_until_async
 
 from importer import lanethreads
 from importer.errors import BadImageChecksum, ImageTooLarge, InvalidImage
@@ -173,17 +174,12 @@ async def test_a_waiting_source_leaves_the_transfer_one_buffer() -> None:
         yield data[6 * block + 100 :]
 
     task = asyncio.create_task(pipeline.run(source()))
-    while not held:
-        await asyncio.sleep(0.01)
-    for _ in range(500):  # the lanes finish the blocks in flight, then they go
-        if pipeline.buffers == 1:
-            break
-        await asyncio.sleep(0.01)
-    waiting = pipeline.buffers
+    await wait_until_async(lambda: held, what="the source to wait")
+    # The lanes finish the blocks in flight, then they go.
+    await wait_until_async(lambda: pipeline.buffers == 1, what="the transfer to hold one buffer")
     go_on.set()
     result = await task
     assert held[0] == 4
-    assert waiting == 1
     assert bytes(sink.data) == data
     assert result.checksums["sha256"] == hashlib.sha256(data).hexdigest()
 
@@ -222,8 +218,10 @@ async def test_waiting_transfers_hold_no_thread(two_lane_threads: LanePool) -> N
         asyncio.create_task(Pipeline(sink, options).run(source(image)))
         for sink, image in zip(sinks, data, strict=True)
     ]
-    while delivered < len(data) or pool.draining:
-        await asyncio.sleep(0.01)
+    await wait_until_async(
+        lambda: delivered == len(data) and not pool.draining,
+        what="every source to wait and every lane to be idle",
+    )
     assert pool.threads <= 2
     assert threading.active_count() <= before + 2
     go_on.set()
@@ -241,13 +239,13 @@ async def test_cancellation_waits_for_lanes_and_aborts() -> None:
             yield bytes(1 << 20)
 
     task = asyncio.create_task(Pipeline(sink, PipelineOptions(block_size=1 << 20)).run(endless()))
-    await asyncio.sleep(0.3)
+    await wait_until_async(lambda: sink.blocks >= 2, what="the lanes to be working")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sink.aborted
     blocks = sink.blocks
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # on purpose: long enough for a lane still running to show
     assert sink.blocks == blocks  # no lane is still working
 
 

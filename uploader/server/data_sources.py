@@ -33,8 +33,8 @@ from importer.oci.auth import Credentials
 from importer.oci.reference import Reference
 from importer.sources.disklock import hold_for_reading, in_use_by
 from importer.sources.file import fd_chunks
+from importer.sources.opened import OpenedSource, SourceOpener
 from importer.sources.openers import container_image_source, disk_file_source, http_source
-from importer.transfer import OpenedSource, SourceOpener
 from uploader.errors import Invalid
 from uploader.resources import (
     DEFAULT_SECRET_NAMESPACE,

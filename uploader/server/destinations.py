@@ -19,22 +19,20 @@ import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from importer.errors import ProvisioningFailed, TransferError
-from importer.formats.base import Converter, ImageInfo, Limits, NullTarget, RawTarget
-from importer.formats.decoder import ImageDecoder
+from importer.formats.base import ImageInfo, Limits
 from importer.formats.snapshot import spill_files
+from importer.lane import Lane
 from importer.oci.auth import Credentials
-from importer.oci.layer import safe_filename
 from importer.oci.layout import OciLayout
 from importer.oci.registry import RegistryClient
 from importer.oci.registry_store import RegistryStore
-from importer.pipeline import Lane, Sink, TransferResult
-from importer.sinks.dvcr import DvcrSink, ImageStore
-from importer.sinks.pvc import BlockClaimTarget, ClaimTarget, FileClaimTarget, PvcSink
-from importer.sinks.throttle import ThrottledTarget, sink_rate_from_env
+from importer.oci.store import ImageStore
+from importer.pipeline import Sink, SnapshottableSink, TransferResult
+from importer.sinks.factory import ClaimLocation, DvcrLocation, SinkFactory
 from uploader.resources import STORAGE_PVC
 from uploader.server.config import ServerConfig
 from uploader.server.image_db import Object
@@ -62,7 +60,8 @@ def dvcr_repo(obj: Object) -> str:
 
 
 def uses_pvc(obj: Object) -> bool:
-    return obj.get("spec", {}).get("storage") == STORAGE_PVC
+    storage: object = obj.get("spec", {}).get("storage")
+    return storage == STORAGE_PVC
 
 
 def spill_files_of(state: bytes) -> frozenset[str]:
@@ -85,15 +84,14 @@ class KeptOnStop:
         # A checkpoint must be gone before the partial file is renamed into place.
         self.before_commit = before_commit
 
-    def lanes(self) -> list[Lane]:
+    def lanes(self) -> Sequence[Lane]:
         return self.sink.lanes()
 
     def image_info(self) -> ImageInfo:
         return self.sink.image_info()
 
     def snapshot(self) -> bytes | None:
-        snapshot = getattr(self.sink, "snapshot", None)
-        return snapshot() if snapshot is not None else None
+        return self.sink.snapshot() if isinstance(self.sink, SnapshottableSink) else None
 
     async def commit(self, result: TransferResult) -> None:
         self.before_commit()
@@ -114,6 +112,7 @@ class Storage:
         self.spill_dir = config.data_dir / "spill"
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         self.limits = Limits(max_virtual_size=config.max_image_size, spill_dir=str(self.spill_dir))
+        self.sinks = SinkFactory(self.limits)
 
     def _open_dvcr(self) -> ImageStore:
         config = self.config
@@ -143,10 +142,12 @@ class Storage:
         block = directory / BLOCK_LINK
         return block if block.is_symlink() or block.exists() else None
 
-    def _claim_location(self, obj: Object) -> Path:
+    def _claim_location(self, obj: Object) -> ClaimLocation:
         """A block claim's device or file, else the claim directory."""
         block = self._block_link(self.claim_dir(obj))
-        return block.resolve() if block is not None else self.claim_dir(obj)
+        if block is not None:
+            return ClaimLocation(block.resolve(), block=True)
+        return ClaimLocation(self.claim_dir(obj), block=False)
 
     @classmethod
     def _data_path(cls, directory: Path) -> Path:
@@ -171,15 +172,6 @@ class Storage:
             return {"persistentVolumeClaimName": claim_name(obj)}
         return {"registryURL": self.dvcr.reference(dvcr_repo(obj), obj["metadata"]["uid"])}
 
-    def _decoder(self, target: RawTarget) -> Converter:
-        return ImageDecoder(target, self.limits)
-
-    def _claim_target(self, obj: Object) -> ClaimTarget:
-        block = self._block_link(self.claim_dir(obj))
-        if block is not None:
-            return BlockClaimTarget(block.resolve())
-        return FileClaimTarget(self.claim_dir(obj), capacity=self.config.max_image_size)
-
     def check_length(self, obj: Object, length: int | None) -> None:
         """Raises 411 when the storage needs the length up front and it is not known."""
         if length is None and not uses_pvc(obj):
@@ -191,22 +183,11 @@ class Storage:
     async def open_sink(self, obj: Object, length: int | None, filename: str | None = None) -> Sink:
         """The sink for one transfer into the image's storage."""
         if uses_pvc(obj):
-            target: ClaimTarget = self._claim_target(obj)
-            rate = sink_rate_from_env()
-            if rate:
-                target = ThrottledTarget(target, rate)  # type: ignore[assignment]
-            return PvcSink(target, self._decoder(target))
+            return self.sinks.claim_sink(self._claim_location(obj))
         self.check_length(obj, length)
         assert length is not None
-        validator = self._decoder(NullTarget(self.config.max_image_size))
-        return await DvcrSink.open(
-            self.dvcr,
-            dvcr_repo(obj),
-            obj["metadata"]["uid"],
-            safe_filename(filename),
-            length,
-            validator,
-        )
+        image = DvcrLocation(self.dvcr, dvcr_repo(obj), obj["metadata"]["uid"])
+        return await self.sinks.dvcr_sink(image, length, filename)
 
     async def copy_image(self, repo: str, tag: str, obj: Object) -> None:
         """Tags the DVCR image `repo:tag` as `obj`'s too: the blobs are shared, not copied."""
@@ -214,9 +195,9 @@ class Storage:
 
     async def resume_sink(self, obj: Object, state: bytes) -> Sink:
         """The sink of an upload that continues from its checkpoint (PVC storage)."""
-        location = self._claim_location(obj)
+        location = self._claim_location(obj).path
         try:
-            return await asyncio.to_thread(PvcSink.resume, state, location, self.limits)
+            return await self.sinks.resumed_claim_sink(state, location)
         except (ValueError, OSError, TransferError) as exc:
             raise ProvisioningFailed(
                 f"the upload cannot continue from its checkpoint ({exc}); upload it again "

@@ -22,7 +22,7 @@ from importer.oci.layer import LayerLane
 from importer.oci.layout import OciLayout
 from importer.oci.registry import RegistryClient
 from importer.oci.registry_store import RegistryStore
-from importer.sinks.dvcr import ImageStore
+from importer.oci.store import ImageStore
 
 MiB = 1 << 20
 

@@ -13,14 +13,13 @@ from testcerts import KeyPair, make_ca, make_server_cert
 
 from importer.oci.endpoint import (
     Endpoint,
-    connect_registry,
     is_loopback,
     may_fall_back_to_http,
     registry_host,
     resolve_registry_url,
 )
 from importer.oci.errors import RegistryError
-from importer.oci.registry import RegistryClient
+from importer.oci.registry import RegistryClient, connect_registry
 
 MiB = 1 << 20
 

@@ -19,6 +19,7 @@ from registryproc import Registry
 from serverproc import free_port
 from testcerts import make_ca, make_server_cert, make_signing_key
 from tokenserver import ISSUER, SERVICE, TokenServer, libtrust_key_id
+from waiting import wait_until_async
 
 from importer.oci import registry as registry_module
 from importer.oci.auth import Credentials
@@ -178,11 +179,12 @@ async def test_cancel_leaves_no_tag_and_no_blob(registry: Registry) -> None:
         assert await client.blob_exists("vi/ns/cancelled", sha256(data)) is None
         assert await client.list_tags("vi/ns/cancelled") == []
     assert registry.blob_data_files(sha256(data)) == []
-    for _ in range(100):  # the registry's PATCH handler may still be closing its file
-        if not registry.upload_data("vi/ns/cancelled"):
-            break
-        await asyncio.sleep(0.05)
-    assert registry.upload_data("vi/ns/cancelled") == []
+    # The registry's PATCH handler may still be closing its file.
+    await wait_until_async(
+        lambda: registry.upload_data("vi/ns/cancelled") == [],
+        timeout=5.0,
+        what="the registry to drop the cancelled upload's data",
+    )
 
 
 async def test_wrong_digest_is_a_clear_error(registry: Registry) -> None:

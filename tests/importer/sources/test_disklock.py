@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,18 +27,27 @@ def disk(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def held(command: list[str], ready_line: str | None = None) -> Iterator[None]:
+def held(command: list[str], ready_line: str, ask: str = "") -> Iterator[None]:
+    """The command runs, holding the disk, from when it has printed `ready_line` (after
+    being sent `ask`) until the block ends."""
     proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        if ready_line:
-            assert proc.stdout.readline().strip() == ready_line
-        else:
-            time.sleep(0.5)
+        if ask:
+            proc.stdin.write(ask)
+            proc.stdin.flush()
+        assert proc.stdout.readline().strip() == ready_line
         yield
     finally:
         proc.stdin.close()
         proc.wait(10)
+
+
+def qemu_io(disk: Path, *flags: str) -> AbstractContextManager[None]:
+    """qemu-io with the disk open (and locked), once it has answered a first command."""
+    return held(
+        ["qemu-io", *flags, "-f", "raw", str(disk)], ready_line="qemu-io> 1 MiB", ask="length\n"
+    )
 
 
 def test_a_free_disk(disk: Path) -> None:
@@ -47,13 +55,13 @@ def test_a_free_disk(disk: Path) -> None:
 
 
 def test_qemu_writing_holds_it(disk: Path) -> None:
-    with held(["qemu-io", "-f", "raw", str(disk)]):
+    with qemu_io(disk):
         assert disk_in_use(disk) == "a qemu process holds it open for writing"
     assert disk_in_use(disk) is None
 
 
 def test_qemu_reading_does_not(disk: Path) -> None:
-    with held(["qemu-io", "-r", "-f", "raw", str(disk)]):
+    with qemu_io(disk, "-r"):
         assert disk_in_use(disk) is None
 
 
@@ -88,7 +96,7 @@ def test_reading_keeps_writers_out_but_not_readers(disk: Path) -> None:
 
 
 def test_holding_fails_while_qemu_writes(disk: Path) -> None:
-    with held(["qemu-io", "-f", "raw", str(disk)]):
+    with qemu_io(disk):
         fd = os.open(disk, os.O_RDONLY)
         try:
             assert not hold_for_reading(fd)

@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+from waiting import wait_until_async
 
 from importer.sources.transportbody import QUIET, TransportBody
 
@@ -97,10 +98,12 @@ async def test_the_body_arrives_whole_and_what_follows_is_left(buffer_size: int)
         assert link.server.transport is not None
         assert link.server.transport.get_protocol() is link.server
         link.server.transport.resume_reading()
-        deadline = time.monotonic() + 5
-        while not link.server.received.endswith(following) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        assert bytes(link.server.received).endswith(following)
+        server = link.server
+        await wait_until_async(
+            lambda: bytes(server.received).endswith(following),
+            timeout=5.0,
+            what="the stand-in to receive the next message",
+        )
         assert len(link.server.received) < len(data)  # the body went to the reader
 
 
@@ -152,7 +155,7 @@ async def test_release_ends_a_waiting_read() -> None:
         buffer = memoryview(bytearray(1000))
         assert await body.readinto(buffer) == 1
         read = asyncio.create_task(body.readinto(buffer))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # on purpose: the read has time to end, and must not
         assert not read.done()
         body.release()
         with pytest.raises(ConnectionResetError):
