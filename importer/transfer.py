@@ -15,7 +15,7 @@ from importer.pipeline import Pipeline, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress
 from importer.sources.opened import OpenedSource, SourceOpener
 
-__all__ = ["OpenedSource", "OptionsFor", "SinkOpener", "SourceOpener", "run_transfer"]
+__all__ = ["OptionsFor", "SinkOpener", "run_transfer"]
 
 log = logging.getLogger(__name__)
 

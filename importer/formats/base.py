@@ -3,8 +3,8 @@
 The pipeline calls `feed` with consecutive pieces of the (already unwrapped) image stream,
 in order, from one worker thread, then `finish` once at the end. A converter never seeks
 in its input: it sees each byte once. It writes the guest-visible disk content to a
-`RawTarget` at virtual offsets; ranges it never writes read as zeros (the target is
-sparse), so zero clusters and unallocated ranges need no write at all.
+`RawTarget` at virtual offsets; ranges it never writes read as zeros (the target sees to
+that, see `RawTarget`), so zero clusters and unallocated ranges need no write at all.
 """
 
 from __future__ import annotations
@@ -47,7 +47,15 @@ class Limits:
 
 
 class RawTarget(Protocol):
-    """Random-access destination of the raw disk content."""
+    """Where the raw disk content goes, in the shape of a storage backend: random-access
+    writes, explicit zeroing and a flush.
+
+    Every range below the highest byte written or zeroed that nothing wrote reads as
+    zeros once the target is committed: a new sparse file has nothing there, and a target
+    over old contents (a block device) zeroes such gaps itself, as writes pass them. So a
+    converter skips what it knows to be zero, and calls `zero` only for a range it must
+    clear explicitly (one it wrote before, or one past everything it writes); what that
+    costs is the target's business (nothing, a hole punched, a zeroing command)."""
 
     def declare_size(self, virtual_size: int) -> None:
         """Announce the virtual size as soon as it is known; raises ImageTooLarge if it does
@@ -56,6 +64,30 @@ class RawTarget(Protocol):
     def write(self, offset: int, data: Buffer) -> None:
         """Write guest bytes at a virtual offset. All-zero ranges may become holes.
         Raises ImageTooLarge past the capacity."""
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make `length` bytes at a virtual offset read as zeros. Raises ImageTooLarge past
+        the capacity."""
+
+    def flush(self) -> None:
+        """Make everything written and zeroed so far durable."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A range of a target, as the storage knows it: data, or a hole that reads as zeros."""
+
+    offset: int
+    length: int
+    data: bool
+
+
+class ExtentsTarget(RawTarget, Protocol):
+    """A target whose storage can tell where its data and its holes are."""
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """The data and holes of `length` bytes at `offset`, in order, covering them."""
+        ...
 
 
 class Converter(ABC):
@@ -95,3 +127,9 @@ class NullTarget:
 
     def write(self, offset: int, data: Buffer) -> None:
         self.declare_size(offset + len(data))
+
+    def zero(self, offset: int, length: int) -> None:
+        self.declare_size(offset + length)
+
+    def flush(self) -> None:
+        return None

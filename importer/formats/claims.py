@@ -12,31 +12,29 @@ Claims never overlap: each byte of the stream belongs to at most one claim, so a
 that points two blocks at the same bytes, or a block into a header, is refused.
 
 Until the converter knows where all its data lies (`complete`), bytes no claim has taken
-yet are kept in a bounded `Spill` (memory, then a side file), because a table found later
-may still claim them. A claim for bytes already passed is served from the spill. Once
-complete, unclaimed bytes are padding or structures nobody needs, and are dropped.
+yet are kept in a bounded `Spill` (importer.formats.spill: memory, then a side file),
+because a table found later may still claim them. A claim for bytes already passed is
+served from the spill. Once complete, unclaimed bytes are padding or structures nobody
+needs, and are dropped.
 """
 
 from __future__ import annotations
 
-import bisect
 import functools
 import heapq
 import itertools
 from array import array
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 from importer.errors import InvalidImage, UnsupportedFormat
-from importer.formats.base import Buffer, Converter, ImageInfo, Limits, RawTarget
-from importer.formats.spillfile import SpillFile
+from importer.formats.base import Converter, ImageInfo, Limits, RawTarget
+from importer.formats.spill import Spill
 
 _PLACE: Final = 0
 _CAPTURE: Final = 1
 _STREAM: Final = 2
 
-# Spilled bytes are read back from the side file in pieces of this size.
-_READ_PIECE = 4 << 20
 # No image file is larger than this (2 PiB); offsets beyond it are corrupt.
 MAX_OFFSET: Final = 1 << 51
 # Data runs one conversion keeps track of: 4M runs take 96 MiB, plus 32 MiB to sort them.
@@ -58,7 +56,7 @@ class Claim:
         self.end = end
         self.what = what
         self.guest = 0
-        self.on_data: Callable = _nothing
+        self.on_data: Callable[..., None] = _nothing
         self.on_end: Callable[[], None] = _nothing
         self.unit = 1
         self.rel = 0
@@ -99,7 +97,7 @@ class StreamLayout:
         self._seq = itertools.count()
         self._current: Claim | None = None
         self.claimed_end = 0  # end of the last claim that took live bytes
-        self.spill = Spill(limits)
+        self.spill = Spill(limits.spill_memory, limits.spill_dir)
 
     # -- registering claims -------------------------------------------------------------
 
@@ -257,110 +255,6 @@ class StreamLayout:
             claim.on_end()
 
 
-class Spill:
-    """Bytes of the stream kept until a table says whether they are needed: in memory up
-    to `limits.spill_memory`, then in a side file (`SpillFile`)."""
-
-    def __init__(self, limits: Limits) -> None:
-        self.memory_limit = limits.spill_memory
-        self.directory = limits.spill_dir
-        # Segments in stream order: [start, end, bytes in memory or None, position in file]
-        self._segments: list[list] = []
-        self._starts: list[int] = []
-        self.memory = 0
-        self._file = SpillFile(limits.spill_dir)
-
-    def add(self, offset: int, view: memoryview) -> None:
-        n = len(view)
-        last = self._segments[-1] if self._segments else None
-        if self.memory + n <= self.memory_limit:
-            if last is not None and last[1] == offset and last[2] is not None:
-                last[2] += view
-                last[1] += n
-            else:
-                self._append([offset, offset + n, bytearray(view), -1])
-            self.memory += n
-            return
-        position = self._file.append(view)
-        if (
-            last is not None
-            and last[1] == offset
-            and last[2] is None
-            and last[3] + (last[1] - last[0]) == position
-        ):
-            last[1] += n
-        else:
-            self._append([offset, offset + n, None, position])
-
-    @property
-    def file_bytes(self) -> int:
-        """Bytes written to the side file since it was created (0 when there is none)."""
-        return self._file.end
-
-    def covers(self, start: int, end: int) -> bool:
-        i = bisect.bisect_right(self._starts, start) - 1
-        if i < 0:
-            return False
-        pos = start
-        segments = self._segments
-        while pos < end:
-            if i >= len(segments) or segments[i][0] > pos or segments[i][1] <= pos:
-                return False
-            pos = segments[i][1]
-            i += 1
-        return True
-
-    def pop(self, start: int, end: int) -> Iterator[tuple[int, Buffer]]:
-        """Yields the spilled bytes of [start, end) in order and forgets them. The caller
-        has checked `covers(start, end)`."""
-        first = bisect.bisect_right(self._starts, start) - 1
-        last = first
-        while self._segments[last][1] < end:
-            last += 1
-        affected = self._segments[first : last + 1]
-        kept: list[list] = []
-        for seg_start, seg_end, data, position in affected:
-            lo = max(seg_start, start)
-            hi = min(seg_end, end)
-            if data is not None:
-                yield lo, memoryview(data)[lo - seg_start : hi - seg_start]
-            else:
-                for piece_start in range(lo, hi, _READ_PIECE):
-                    piece_end = min(hi, piece_start + _READ_PIECE)
-                    yield (
-                        piece_start,
-                        self._file.read(
-                            position + piece_start - seg_start, piece_end - piece_start
-                        ),
-                    )
-            if seg_start < lo:
-                kept.append(_cut(seg_start, seg_end, data, position, seg_start, lo))
-            if hi < seg_end:
-                kept.append(_cut(seg_start, seg_end, data, position, hi, seg_end))
-            if data is not None:
-                self.memory -= hi - lo
-        self._segments[first : last + 1] = kept
-        self._starts[first : last + 1] = [seg[0] for seg in kept]
-
-    def clear(self) -> None:
-        self._segments = []
-        self._starts = []
-        self.memory = 0
-        self._file.close()
-
-    def _append(self, segment: list) -> None:
-        self._segments.append(segment)
-        self._starts.append(segment[0])
-
-
-def _cut(
-    seg_start: int, seg_end: int, data: bytearray | None, position: int, lo: int, hi: int
-) -> list:
-    if data is not None:
-        return [lo, hi, bytearray(memoryview(data)[lo - seg_start : hi - seg_start]), -1]
-    return [lo, hi, None, position + lo - seg_start]
-
-
 class RunMap:
     """Where data lies in the stream and where it goes on the guest disk, built entry by
     entry from a format's table and merged into runs where both sides are contiguous.
@@ -425,7 +319,7 @@ class StreamOrder:
         self.runs = runs
         self.sorted = runs.in_order
         self.next = 0  # in a map built in stream order: the index of the next run
-        self.chunks: list[array] = []
+        self.chunks: list[array[int]] = []
         self.heap: list[tuple[int, int, int]] = []  # (key, chunk, position in the chunk)
         if self.sorted:
             return
@@ -470,7 +364,7 @@ class ClaimSource:
 
     __slots__ = ("items", "make")
 
-    def __init__(self, items: Iterator, make: Callable[..., Claim]) -> None:
+    def __init__(self, items: Iterator[Any], make: Callable[..., Claim]) -> None:
         self.items = items
         self.make = make
 

@@ -136,10 +136,9 @@ class _Probe:
         self.head += data[:need]
         kind = sniff(self.head, final=False)
         if kind is not None:
-            self._start(kind)
+            stage = self._start(kind)
             if len(data) > need:
-                assert self.next is not None
-                self.next.feed(data[need:])
+                stage.feed(data[need:])
 
     def finish(self) -> None:
         if self.next is None:
@@ -155,11 +154,12 @@ class _Probe:
         if self.next is not None:
             self.next.close()
 
-    def _start(self, kind: str) -> None:
-        self.next = self.decoder.stage_for(kind, self.depth)
+    def _start(self, kind: str) -> Stage:
+        stage = self.next = self.decoder.stage_for(kind, self.depth)
         head, self.head = self.head, bytearray()
         if head:
-            self.next.feed(memoryview(head))
+            stage.feed(memoryview(head))
+        return stage
 
 
 class _ConverterStage:

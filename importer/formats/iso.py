@@ -52,7 +52,7 @@ class IsoConverter(Converter):
             if descriptor[1:6] != b"CD001":
                 return None
             if descriptor[0] == PRIMARY_VOLUME:
-                blocks = struct.unpack_from("<I", descriptor, 80)[0]
-                block_size = struct.unpack_from("<H", descriptor, 128)[0]
+                blocks: int = struct.unpack_from("<I", descriptor, 80)[0]
+                block_size: int = struct.unpack_from("<H", descriptor, 128)[0]
                 return blocks * block_size
         return None

@@ -11,10 +11,20 @@ file offset; each arriving byte goes to the claims covering it.
 qemu writes each L2 table before the data it maps, so data usually arrives claimed and is
 written straight from the input. Bytes that arrive unclaimed while some tables are still
 missing (compressed images, images with internal snapshots, resized images whose L1 moved
-to the end) may still be claimed later: they go to a bounded spill, in memory and then in
-a side file, and are served from there when their table arrives. Once the L1 and
-every L2 table it points at have been read, the map is complete: the spill is dropped and
-unclaimed bytes (refcounts, snapshots, stale clusters) are skipped.
+to the end) may still be claimed later: they go to a bounded `Spill`
+(importer.formats.spill), in memory and then in a side file, and are served from there
+when their table arrives. Once the L1 and every L2 table it points at have been read, the
+map is complete: the spill is dropped and unclaimed bytes (refcounts, snapshots, stale
+clusters) are skipped.
+
+The claims are routed here rather than by the `StreamLayout` of importer.formats.claims,
+which VMDK, VDI, VHD and VHDX use, because qcow2 claims may overlap and that engine
+refuses overlaps by design: compressed clusters are packed at byte granularity and their
+L2 entries round them to whole sectors, so neighbours share a sector; and a data cluster
+may be mapped at two guest offsets (a refcount above one). So several claims are active at
+once here, and spilled bytes are read without being forgotten (`Spill.read`), where the
+layout engine serves each spilled byte once (`Spill.pop`). Pending claims are also kept
+as arrays per table (24 bytes a run) rather than as objects.
 
 Safety: backing files, external data files, encryption, unknown incompatible features and
 the corrupt bit are refused; every size, offset and table is checked before anything is
@@ -24,19 +34,17 @@ the end of the file, are refused. The output equals `qemu-img convert -f qcow2 -
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import itertools
 import struct
 import sys
 import zlib
 from array import array
-from collections.abc import Iterator
 from typing import Final
 
 from importer.errors import ImageTooLarge, InvalidImage, UnsupportedFormat
 from importer.formats.base import Buffer, Converter, ImageInfo, Limits, MiB, RawTarget
-from importer.formats.spillfile import SpillFile
+from importer.formats.spill import Spill
 from importer.formats.unwrap import max_unwrapped_size, zstd_decompress_exactly
 
 MAGIC: Final = b"QFI\xfb"
@@ -102,7 +110,7 @@ _BIG_ENDIAN: Final = sys.byteorder == "big"
 _INF: Final = 1 << 64
 
 
-def _entries(data: Buffer) -> array:
+def _entries(data: Buffer) -> array[int]:
     """Big-endian 64-bit table entries, parsed in bulk."""
     table = array("Q")
     table.frombytes(data)
@@ -116,7 +124,7 @@ class _Batch:
 
     __slots__ = ("ends", "guests", "index", "kind", "starts")
 
-    def __init__(self, kind: int, starts: array, ends: array, guests: array) -> None:
+    def __init__(self, kind: int, starts: array[int], ends: array[int], guests: array[int]) -> None:
         self.kind = kind
         self.starts = starts
         self.ends = ends
@@ -147,93 +155,6 @@ class _Claim:
         self.whole: Buffer | None = None  # all of it in one piece, valid during delivery
 
 
-class Spill:
-    """Bytes that arrived before any table claimed them, in file order: in memory up to
-    `memory_limit`, then in a side file (`SpillFile`). Kept until the map is complete
-    (a later table may claim any of them, even twice), then dropped at once."""
-
-    READ_PIECE: Final = 4 * MiB
-
-    def __init__(self, memory_limit: int, total_limit: int, directory: str | None) -> None:
-        self.memory_limit = memory_limit
-        self.total_limit = total_limit
-        self.directory = directory
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.chunks: list[bytearray | None] = []  # in memory, or None: in the file
-        self.positions: list[int] = []  # in the file
-        self.memory = 0
-        self.total = 0
-        self.file = SpillFile(directory, prefix="qcow2-spill-")
-
-    def __bool__(self) -> bool:
-        return bool(self.starts)
-
-    def add(self, offset: int, data: memoryview) -> None:
-        n = len(data)
-        self.total += n
-        if self.total > self.total_limit:
-            raise ImageTooLarge(
-                f"qcow2: more than {self.total_limit} bytes arrive before the tables that map "
-                "them; the image is larger than the size limit allows"
-            )
-        joins = bool(self.ends) and self.ends[-1] == offset
-        if self.memory + n <= self.memory_limit:
-            self.memory += n
-            last = self.chunks[-1] if joins else None
-            if last is not None:
-                last += data
-                self.ends[-1] += n
-            else:
-                self._append(offset, n, bytearray(data), -1)
-            return
-        position = self.file.append(data)
-        if joins and self.chunks[-1] is None:
-            self.ends[-1] += n
-        else:
-            self._append(offset, n, None, position)
-
-    def _append(self, offset: int, n: int, chunk: bytearray | None, position: int) -> None:
-        self.starts.append(offset)
-        self.ends.append(offset + n)
-        self.chunks.append(chunk)
-        self.positions.append(position)
-
-    def read(self, start: int, end: int) -> Iterator[tuple[int, Buffer]]:
-        """The kept bytes of [start, end), in order; stops short where they are missing
-        (`covers` says whether they are all there)."""
-        i = bisect.bisect_right(self.starts, start) - 1
-        pos = start
-        while pos < end and 0 <= i < len(self.starts) and self.starts[i] <= pos < self.ends[i]:
-            hi = min(end, self.ends[i])
-            chunk = self.chunks[i]
-            if chunk is not None:
-                base = self.starts[i]
-                yield pos, memoryview(chunk)[pos - base : hi - base]
-            else:
-                position = self.positions[i] + (pos - self.starts[i])
-                for piece_start in range(pos, hi, self.READ_PIECE):
-                    length = min(self.READ_PIECE, hi - piece_start)
-                    yield piece_start, self.file.read(position + piece_start - pos, length)
-            pos = hi
-            i += 1
-
-    def covers(self, start: int, end: int) -> bool:
-        i = bisect.bisect_right(self.starts, start) - 1
-        pos = start
-        while pos < end:
-            if not (0 <= i < len(self.starts) and self.starts[i] <= pos < self.ends[i]):
-                return False
-            pos = self.ends[i]
-            i += 1
-        return True
-
-    def clear(self) -> None:
-        self.starts, self.ends, self.chunks, self.positions = [], [], [], []
-        self.memory = 0
-        self.file.close()
-
-
 class Qcow2Converter(Converter):
     format = "qcow2"
 
@@ -256,7 +177,13 @@ class Qcow2Converter(Converter):
         self._pending_runs = 0
         self._pending_l2 = -1  # L2 tables still to read; -1 until the L1 is read
         self.map_complete = False
-        self.spill = Spill(limits.spill_memory, max_unwrapped_size(limits), limits.spill_dir)
+        self.spill = Spill(
+            limits.spill_memory,
+            limits.spill_dir,
+            total_limit=max_unwrapped_size(limits),
+            fmt=self.format,
+            prefix="qcow2-spill-",
+        )
 
     # -- the stream ----------------------------------------------------------------------
 
@@ -324,7 +251,7 @@ class Qcow2Converter(Converter):
             raise UnsupportedFormat("qcow (version 1) images are not supported; use qcow2")
         if version not in (2, 3):
             raise UnsupportedFormat(f"qcow2 version {version} is not supported")
-        cluster_bits = struct.unpack_from(">I", head, 20)[0]
+        cluster_bits: int = struct.unpack_from(">I", head, 20)[0]
         if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
             raise InvalidImage(
                 f"qcow2: cluster_bits {cluster_bits} is out of range "
@@ -694,7 +621,7 @@ class Qcow2Converter(Converter):
         if not self._pending_l2:
             self.map_complete = True
 
-    def _map_standard(self, entries: array, guest_base: int, table_offset: int) -> None:
+    def _map_standard(self, entries: array[int], guest_base: int, table_offset: int) -> None:
         cluster_size = self.cluster_size
         cluster_mask = cluster_size - 1
         size = self.size
@@ -725,7 +652,7 @@ class Qcow2Converter(Converter):
         self._push(runs.batch(_DATA))
         self._push(compressed.batch(_COMPRESSED))
 
-    def _map_extended(self, entries: array, guest_base: int, table_offset: int) -> None:
+    def _map_extended(self, entries: array[int], guest_base: int, table_offset: int) -> None:
         cluster_size = self.cluster_size
         cluster_mask = cluster_size - 1
         sub = cluster_size // 32

@@ -110,7 +110,7 @@ def snapshot_decoder(decoder: ImageDecoder, extra: dict[str, Any] | None = None)
         separators=(",", ":"),
     ).encode()
     # Joined once: a state may hold a part of a compressed block, some MiB.
-    parts = [_HEAD.pack(MAGIC, VERSION, len(meta)), meta, out.getbuffer()]
+    parts: list[bytes | memoryview] = [_HEAD.pack(MAGIC, VERSION, len(meta)), meta, out.getbuffer()]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part)
@@ -172,7 +172,7 @@ _FINGERPRINT: Final = _fingerprint()
 
 def _parse(state: bytes) -> tuple[dict[str, Any], memoryview]:
     view = memoryview(state)
-    if len(view) < _HEAD.size + _DIGEST or view[:8] != MAGIC:
+    if len(view) < _HEAD.size + _DIGEST or view[:8].tobytes() != MAGIC:
         raise ValueError("this is not a decoder state")
     _magic, version, meta_length = _HEAD.unpack_from(view)
     if version != VERSION:

@@ -15,6 +15,8 @@ from typing import Final
 
 from importer.errors import InvalidImage, UnsupportedFormat
 from importer.formats.base import Buffer
+from importer.formats.tar import BLOCK as TAR_BLOCK
+from importer.formats.tar import tar_checksum_ok
 
 WRAPPERS: Final = ("gzip", "xz", "zstd", "bzip2", "tar")
 FORMATS: Final = ("qcow2", "vmdk", "vdi", "vhd", "vhdx", "iso", "raw")
@@ -27,7 +29,6 @@ SNIFF_SIZE: Final = 64 * 1024
 
 VDI_MAGIC_OFFSET: Final = 0x40
 TAR_MAGIC_OFFSET: Final = 257
-TAR_BLOCK: Final = 512
 
 _BZIP2_BLOCK_MAGICS: Final = (b"\x31\x41\x59\x26\x53\x59", b"\x17\x72\x45\x38\x50\x90")
 _UDF_NSR: Final = (b"NSR02", b"NSR03")
@@ -100,18 +101,6 @@ def is_tar_header(block: Buffer) -> bool:
     if len(block) < TAR_BLOCK or block[TAR_MAGIC_OFFSET : TAR_MAGIC_OFFSET + 5] != b"ustar":
         return False
     return tar_checksum_ok(block)
-
-
-def tar_checksum_ok(block: bytes) -> bool:
-    field = block[148:156].split(b"\0", 1)[0].strip()
-    try:
-        stored = int(field, 8)
-    except ValueError:
-        return False
-    unsigned = sum(block[:148]) + 8 * 32 + sum(block[156:TAR_BLOCK])
-    # Some old tars summed signed bytes.
-    signed = unsigned - 256 * sum(1 for b in block[:148] + block[156:TAR_BLOCK] if b >= 128)
-    return stored in (unsigned, signed)
 
 
 def _is_iso(head: memoryview) -> bool:

@@ -32,7 +32,7 @@ import zstandard
 
 from importer.errors import ImageTooLarge, InvalidImage
 from importer.formats.base import PIECE, Buffer, Limits, MiB
-from importer.formats.sniff import TAR_BLOCK, tar_checksum_ok
+from importer.formats.tar import DIRECTORY, REGULAR, TarEntry, TarParser
 from importer.formats.xz import XzDecoder
 
 # Largest piece of input given to a decompressor at once (which bounds the expansion of one
@@ -42,9 +42,6 @@ INPUT_SLICE: Final = 128 * 1024
 # Memory a decoder may need for its window: zstd's default limit is 128 MiB (frames made
 # with --long=31 are refused); xz's is in importer.formats.xz.
 ZSTD_MAX_WINDOW: Final = 128 * MiB
-
-# Metadata in a tar (pax records, GNU long names) larger than this is not a disk archive.
-TAR_MAX_METADATA: Final = 1 * MiB
 
 # Frames, members, streams and blocks a stream may begin before their number must be paid
 # for with bytes, and the bytes (compressed in plus unwrapped out) each further one needs.
@@ -164,9 +161,10 @@ class _MemberDecompressor(_Unwrapper):
 
     def _decompress(self, decoder: Any, data: Buffer) -> bytes:
         try:
-            return decoder.decompress(data, PIECE)
+            out: bytes = decoder.decompress(data, PIECE)
         except (zlib.error, OSError, EOFError) as exc:
             raise InvalidImage(f"{self.name}: the compressed stream is corrupt: {exc}") from exc
+        return out
 
     def feed(self, data: memoryview) -> None:
         self.consumed += len(data)
@@ -471,7 +469,6 @@ def zstd_decompress_exactly(data: Buffer, size: int) -> bytes | None:
 
 # -- tar ----------------------------------------------------------------------------------
 
-_REGULAR: Final = (b"0", b"\0", b"7")
 _TAR_KINDS: Final = {
     b"1": "hard link",
     b"2": "symbolic link",
@@ -482,10 +479,9 @@ _TAR_KINDS: Final = {
     b"V": "volume label",
     b"M": "multi-volume continuation",
 }
-_HEADER, _CONTENT, _METADATA, _SKIP_DATA, _PAD, _END = range(6)
 
 
-class TarReader:
+class TarReader(TarParser):
     """A tar archive holding one disk image (and perhaps directories): the file's content
     is passed on as it arrives. Links, devices, sparse files and a second file are refused:
     the archive must say unambiguously which bytes are the disk."""
@@ -493,142 +489,41 @@ class TarReader:
     name = "tar"
 
     def __init__(self, downstream: Stage, limits: Limits) -> None:
+        super().__init__(self.name)
         self.downstream = downstream
         self.limit = max_unwrapped_size(limits)
-        self.state = _HEADER
-        self.block = bytearray()
-        self.remaining = 0
-        self.padding = 0
-        self.offset = 0  # of the stream, for messages
         self.file_name: str | None = None
-        self.long_name: str | None = None
-        self.pax: dict[str, str] = {}
-        self.metadata = bytearray()
-        self.on_metadata: Callable[[bytes], None] = _ignore
 
-    def feed(self, data: memoryview) -> None:
-        pos = 0
-        n = len(data)
-        while pos < n:
-            state = self.state
-            if state == _END:
-                return
-            if state == _HEADER:
-                take = min(TAR_BLOCK - len(self.block), n - pos)
-                self.block += data[pos : pos + take]
-                pos += take
-                if len(self.block) == TAR_BLOCK:
-                    header = bytes(self.block)
-                    self.block.clear()
-                    self._on_header(header)
-                    self.offset += TAR_BLOCK
-                continue
-            take = min(self.remaining, n - pos)
-            piece = data[pos : pos + take]
-            if state == _CONTENT:
-                self.downstream.feed(piece)
-            elif state == _METADATA:
-                self.metadata += piece
-            pos += take
-            self.offset += take
-            self.remaining -= take
-            if self.remaining:
-                continue
-            if state == _METADATA:
-                content = bytes(self.metadata)
-                self.metadata.clear()
-                self.on_metadata(content)
-            if state == _PAD:
-                self.state = _HEADER
-            else:
-                self.state, self.remaining = _PAD, self.padding
-                if not self.remaining:
-                    self.state = _HEADER
-
-    def _on_header(self, header: bytes) -> None:
-        if header.count(0) == TAR_BLOCK:
-            self.state = _END
-            return
-        if not tar_checksum_ok(header):
-            raise InvalidImage(f"tar: the header at offset {self.offset} has a bad checksum")
-        kind = header[156:157]
-        name = self._name(header)
-        size = self._size(header, name)
-        if kind not in (b"x", b"g"):
-            self.pax = {}
-            self.long_name = None
-        self.padding = -size % TAR_BLOCK
-        self.remaining = size
-        self.state = _SKIP_DATA
-        if kind in _REGULAR:
-            if self.file_name is not None:
-                raise InvalidImage(
-                    f"tar: the archive holds more than one file ({self.file_name!r}, "
-                    f"{name!r}); it must hold exactly one disk image"
-                )
-            self.file_name = name
-            if size > self.limit:
-                raise ImageTooLarge(
-                    f"tar: {name!r} is {size} bytes, more than any image within the size "
-                    "limit can take"
-                )
-            self.state = _CONTENT
-        elif kind in (b"x", b"g", b"L", b"K"):
-            if size > TAR_MAX_METADATA:
-                raise InvalidImage(f"tar: an extended header of {size} bytes is too large")
-            self.state = _METADATA
-            self.on_metadata = {
-                b"x": self._on_pax,
-                b"g": _ignore,
-                b"L": self._on_long_name,
-                b"K": _ignore,
-            }[kind]
-        elif kind != b"5":
-            what = _TAR_KINDS.get(kind, f"entry of type {kind!r}")
+    def on_entry(self, entry: TarEntry) -> bool:
+        name = entry.name
+        if entry.sparse:
+            raise InvalidImage(f"tar: {name!r} is a sparse file, which is not supported")
+        if entry.type == DIRECTORY:
+            return False
+        if entry.type not in REGULAR:
+            what = _TAR_KINDS.get(entry.type, f"entry of type {entry.type!r}")
             raise InvalidImage(
                 f"tar: {name!r} is a {what}; the archive may hold only one regular file "
                 "(and directories)"
             )
-        if self.remaining == 0:
-            if self.state == _METADATA:
-                self.on_metadata(b"")
-            self.state = _HEADER
+        if self.file_name is not None:
+            raise InvalidImage(
+                f"tar: the archive holds more than one file ({self.file_name!r}, "
+                f"{name!r}); it must hold exactly one disk image"
+            )
+        self.file_name = name
+        if entry.size > self.limit:
+            raise ImageTooLarge(
+                f"tar: {name!r} is {entry.size} bytes, more than any image within the size "
+                "limit can take"
+            )
+        return True
 
-    def _name(self, header: bytes) -> str:
-        if self.pax.get("path"):
-            return self.pax["path"]
-        if self.long_name:
-            return self.long_name
-        name = header[:100].split(b"\0", 1)[0]
-        if header[257:263] == b"ustar\0":
-            prefix = header[345:500].split(b"\0", 1)[0]
-            if prefix:
-                name = prefix + b"/" + name
-        return name.decode("utf-8", "replace")
-
-    def _size(self, header: bytes, name: str) -> int:
-        if "size" in self.pax:
-            try:
-                size = int(self.pax["size"])
-            except ValueError:
-                size = -1
-        else:
-            size = parse_tar_number(header[124:136])
-        if size < 0:
-            raise InvalidImage(f"tar: the size of {name!r} is not a valid number")
-        if any(key.startswith("GNU.sparse") for key in self.pax):
-            raise InvalidImage(f"tar: {name!r} is a sparse file, which is not supported")
-        return size
-
-    def _on_pax(self, content: bytes) -> None:
-        self.pax = parse_pax_records(content)
-
-    def _on_long_name(self, content: bytes) -> None:
-        self.long_name = content.split(b"\0", 1)[0].decode("utf-8", "replace")
+    def on_data(self, piece: memoryview) -> None:
+        self.downstream.feed(piece)
 
     def finish(self) -> None:
-        if self.state in (_CONTENT, _METADATA, _SKIP_DATA) or self.block:
-            raise InvalidImage(f"tar: the archive is truncated at byte {self.offset}")
+        self.end()
         if self.file_name is None:
             raise InvalidImage("tar: the archive holds no file")
         self.downstream.finish()
@@ -638,46 +533,6 @@ class TarReader:
 
     def close(self) -> None:
         self.downstream.close()
-
-
-def _ignore(_content: bytes) -> None:
-    return None
-
-
-def parse_tar_number(field: bytes) -> int:
-    """An octal number, or GNU's base-256 for large values; -1 if neither."""
-    if field[0] & 0x80:
-        if field[0] == 0xFF:
-            return -1
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip()
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        return -1
-
-
-def parse_pax_records(content: bytes) -> dict[str, str]:
-    """`<length> <key>=<value>\\n` records."""
-    records: dict[str, str] = {}
-    pos = 0
-    while pos < len(content):
-        if content[pos] == 0:
-            break
-        space = content.find(b" ", pos)
-        try:
-            length = int(content[pos:space]) if space > pos else 0
-        except ValueError:
-            length = 0
-        record = content[space + 1 : pos + length]
-        if length <= 0 or pos + length > len(content) or b"=" not in record:
-            raise InvalidImage("tar: a pax extended header is malformed")
-        key, _, value = record.rstrip(b"\n").partition(b"=")
-        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
-        pos += length
-    return records
 
 
 UNWRAPPERS: Final[dict[str, Callable[[Stage, Limits], Stage]]] = {

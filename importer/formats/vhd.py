@@ -84,10 +84,11 @@ class Footer:
 
     @property
     def virtual_size(self) -> int:
-        chs = self.cylinders * self.heads * self.sectors_per_track
+        chs: int = self.cylinders * self.heads * self.sectors_per_track
         if self.creator_app in CHS_CREATORS and chs != MAX_GEOMETRY:
             return chs * SECTOR
-        return self.current_size // SECTOR * SECTOR
+        size: int = self.current_size
+        return size // SECTOR * SECTOR
 
 
 def fixed_vhd_size(footer: bytes) -> int | None:

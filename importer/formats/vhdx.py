@@ -117,7 +117,7 @@ def crc32c(data: bytes, crc: int = 0) -> int:
 
 
 def checksum_ok(data: bytes, offset: int = 4) -> bool:
-    stored = struct.unpack_from("<I", data, offset)[0]
+    stored: int = struct.unpack_from("<I", data, offset)[0]
     return crc32c(data[:offset] + bytes(4) + data[offset + 4 :]) == stored
 
 

@@ -31,7 +31,7 @@ import threading
 import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Final
+from typing import Final, Literal
 
 from importer.errors import InvalidImage
 from importer.formats.base import PIECE, Buffer, MiB
@@ -326,7 +326,7 @@ class XzDecoder:
             self._pending.clear()
             return rest
 
-    def _block_header(self, at: int) -> _Block | bool | None:
+    def _block_header(self, at: int) -> _Block | Literal[False] | None:
         """The block whose header starts at `at` in `_pending`; None until the header is
         all there; False for a block that does not give its sizes or is too large."""
         size = (self._pending[at] + 1) * 4

@@ -12,9 +12,8 @@ consumer never commits what it received. Decompression (gzip, zstd; chosen by th
 type, or by the magic bytes) and the tar parsing run in worker threads, never on the event
 loop; a worker pulls the blob's bytes from the loop as it needs them.
 
-Tar: ustar and GNU headers, GNU long names (`L`, `K`), PAX extended headers (`path`,
-`size`, `linkpath`; global ones too), base-256 sizes. Links, directories, devices and
-whiteouts (`.wh.*`) are not the disk; a file stored sparse in the tar is refused.
+The tar is read by `importer.formats.tar`. Links, directories, devices and whiteouts
+(`.wh.*`) are not the disk; a file stored sparse in the tar is refused.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ import hashlib
 import io
 import threading
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +35,17 @@ from typing import Protocol
 import zstandard
 
 from importer.errors import InvalidImage, SourceUnreachable
+from importer.formats.tar import REGULAR, TarEntries, TarEntry
 from importer.oci.image import Descriptor
 
 PIECE = 1 << 20  # what one worker call hands back to the loop at most
 GATHER = 256 << 10  # network bytes gathered per trip from the worker to the loop
 LAYER_WORKERS = 32
-BLOCK = 512
-MAX_HEADER_DATA = 1 << 20  # PAX headers and GNU long names beyond this are refused
 
 NO_DISK = "the image has no file under disk/: it is not a containerDisk image"
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_ZERO_BLOCK = bytes(BLOCK)
-_REGULAR = (b"0", b"\0", b"7")
-_HEADER_ONLY = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, dirs, fifos
 _DIGEST_HEX = {"sha256": 64, "sha512": 128}
 
 
@@ -126,7 +121,7 @@ class IteratorSource:
         self._buffer = b""
         self._offset = 0
         self._ended = False
-        self._interrupted = False
+        self._interrupted = threading.Event()  # set on the loop, read by the worker
         self._pending: concurrent.futures.Future[bytes] | None = None
         self._gathering: asyncio.Task[bytes] | None = None
 
@@ -145,11 +140,11 @@ class IteratorSource:
         return self._buffer[start : self._offset]
 
     def _fetch(self) -> bytes:
-        if self._interrupted:
+        if self._interrupted.is_set():
             raise LayerInterrupted
         future = asyncio.run_coroutine_threadsafe(self._gather(), self._loop)
         self._pending = future
-        if self._interrupted:
+        if self._interrupted.is_set():
             future.cancel()
         try:
             while True:
@@ -182,7 +177,7 @@ class IteratorSource:
             self._gathering = None
 
     def interrupt(self) -> None:
-        self._interrupted = True
+        self._interrupted.set()
         pending = self._pending
         if pending is not None:
             pending.cancel()
@@ -244,6 +239,10 @@ class _Blob:
         buffer[: len(data)] = data
         return len(data)
 
+    def seek(self, offset: int, /) -> int:
+        """Never: a layer is read once (a gzip reader asks for it only to go back)."""
+        raise io.UnsupportedOperation("a layer is read once, front to back")
+
     def peek(self, n: int) -> bytes:
         """The first n bytes (fewer at the end), which read() then returns again."""
         while len(self._peeked) < n:
@@ -299,10 +298,14 @@ class _Decompressed:
         self.kind = _compression(blob)
         self._reader: Callable[[int], bytes]
         if self.kind == "gzip":
-            self._reader = gzip.GzipFile(fileobj=blob, mode="rb").read  # type: ignore[arg-type]
+            self._reader = gzip.GzipFile(fileobj=blob, mode="rb").read
         elif self.kind == "zstd":
+            # zstandard's stubs ask for a whole IO[bytes]; the reader only calls read().
             stream = zstandard.ZstdDecompressor().stream_reader(
-                blob, read_size=GATHER, read_across_frames=True, closefd=False
+                blob,  # type: ignore[arg-type]
+                read_size=GATHER,
+                read_across_frames=True,
+                closefd=False,
             )
             self._reader = stream.read
         else:
@@ -317,189 +320,21 @@ class _Decompressed:
             ) from None
 
 
-@dataclass
-class TarEntry:
-    name: str
-    type: bytes
-    size: int  # data bytes of the entry in the archive
-    linkname: str = ""
-    sparse: bool = False
-
-    @property
-    def disk_parts(self) -> list[str] | None:
-        """The path's parts when it is under disk/ (`./disk/`, `/disk/`), else None."""
-        parts = [part for part in self.name.split("/") if part not in ("", ".")]
-        if len(parts) < 2 or parts[0] != "disk" or ".." in parts:
-            return None
-        return parts
-
-    @property
-    def is_disk_candidate(self) -> bool:
-        parts = self.disk_parts
-        return (
-            parts is not None
-            and not parts[-1].startswith(".wh.")
-            and (self.type in _REGULAR or self.sparse)
-        )
+def _disk_parts(entry: TarEntry) -> list[str] | None:
+    """The path's parts when it is under disk/ (`./disk/`, `/disk/`), else None."""
+    parts = [part for part in entry.name.split("/") if part not in ("", ".")]
+    if len(parts) < 2 or parts[0] != "disk" or ".." in parts:
+        return None
+    return parts
 
 
-def _number(field: bytes, what: str) -> int:
-    if field and field[0] & 0x80:  # base-256 (GNU, star) for values octal cannot hold
-        if field[0] == 0xFF:
-            raise InvalidImage(f"the tar header has a negative {what}")
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise InvalidImage(f"the tar header has an invalid {what}: {text!r}") from None
-
-
-def _text(field: bytes) -> str:
-    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _parse_pax(data: bytes) -> dict[str, str]:
-    records: dict[str, str] = {}
-    position = 0
-    while position < len(data):
-        space = data.find(b" ", position)
-        try:
-            length = int(data[position:space]) if space > position else 0
-        except ValueError:
-            length = 0
-        record = data[position : position + length]
-        if length <= 0 or len(record) != length or not record.endswith(b"\n"):
-            raise InvalidImage("the tar archive has a malformed PAX header")
-        key, sep, value = record[space - position + 1 : -1].partition(b"=")
-        if not sep:
-            raise InvalidImage("the tar archive has a malformed PAX header")
-        records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        position += length
-    return records
-
-
-class TarStream:
-    """A tar archive read once, front to back, from `read(n)` (blocking)."""
-
-    def __init__(self, read: Callable[[int], bytes], what: str) -> None:
-        self._read = read
-        self.what = what
-        self._remaining = 0  # data bytes of the current entry not read yet
-        self._padding = 0
-        self._globals: dict[str, str] = {}
-        self.ended = False
-
-    def _exact(self, n: int) -> bytes:
-        parts: list[bytes] = []
-        missing = n
-        while missing:
-            data = self._read(min(missing, PIECE))
-            if not data:
-                raise InvalidImage(f"{self.what}: the tar archive is truncated")
-            parts.append(data)
-            missing -= len(data)
-        return b"".join(parts)
-
-    def _block(self) -> bytes | None:
-        """The next header block, or None at the end of the stream right on a block."""
-        first = self._read(BLOCK)
-        if not first:
-            return None
-        return first if len(first) == BLOCK else first + self._exact(BLOCK - len(first))
-
-    def _skip(self, n: int) -> None:
-        while n:
-            data = self._read(min(n, PIECE))
-            if not data:
-                raise InvalidImage(f"{self.what}: the tar archive is truncated")
-            n -= len(data)
-
-    def read_data(self, n: int) -> bytes:
-        """Up to n bytes of the current entry's data; b"" once it is all read."""
-        if not self._remaining:
-            return b""
-        data = self._read(min(n, self._remaining))
-        if not data:
-            raise InvalidImage(f"{self.what}: the tar archive is truncated")
-        self._remaining -= len(data)
-        return data
-
-    @property
-    def remaining(self) -> int:
-        return self._remaining
-
-    def next(self) -> TarEntry | None:
-        """The next entry (skipping what is left of the current one), None at the end."""
-        if self.ended:
-            return None
-        self._skip(self._remaining + self._padding)
-        self._remaining = self._padding = 0
-        long_name: str | None = None
-        long_link: str | None = None
-        pax: dict[str, str] = {}
-        while True:
-            block = self._block()
-            if block is None or block == _ZERO_BLOCK:
-                self.ended = True
-                return None
-            self._check_header(block)
-            kind = block[156:157]
-            size = _number(block[124:136], "size")
-            if kind in (b"L", b"K", b"x", b"g"):
-                data = self._meta(size)
-                if kind == b"L":
-                    long_name = _text(data)
-                elif kind == b"K":
-                    long_link = _text(data)
-                elif kind == b"x":
-                    pax.update(_parse_pax(data))
-                else:
-                    self._globals.update(_parse_pax(data))
-                continue
-            fields = {**self._globals, **pax}
-            name = fields.get("path") or long_name or self._header_name(block)
-            linkname = fields.get("linkpath") or long_link or _text(block[157:257])
-            if "size" in fields:
-                try:
-                    size = int(fields["size"])
-                except ValueError:
-                    raise InvalidImage(f"{self.what}: a PAX size is not a number") from None
-            sparse = kind == b"S" or any(key.startswith("GNU.sparse.") for key in fields)
-            if kind == b"S":
-                extended = block[482]
-                while extended:  # GNU old-style sparse maps continue in extra blocks
-                    extra = self._exact(BLOCK)
-                    extended = extra[504]
-            has_data = kind not in _HEADER_ONLY
-            self._remaining = size if has_data else 0
-            self._padding = -size % BLOCK if has_data else 0
-            return TarEntry(name, kind, self._remaining, linkname, sparse)
-
-    def _meta(self, size: int) -> bytes:
-        if size > MAX_HEADER_DATA:
-            raise InvalidImage(f"{self.what}: a tar header of {size} bytes is too large")
-        data = self._exact(size)
-        self._skip(-size % BLOCK)
-        return data
-
-    def _check_header(self, block: bytes) -> None:
-        stored = _number(block[148:156], "checksum")
-        unsigned = sum(block[:148]) + 8 * 0x20 + sum(block[156:])
-        signed = unsigned - 256 * sum(1 for byte in block[:148] + block[156:] if byte > 127)
-        if stored not in (unsigned, signed):
-            raise InvalidImage(f"{self.what}: not a tar archive (a header checksum is wrong)")
-
-    @staticmethod
-    def _header_name(block: bytes) -> str:
-        name = _text(block[0:100])
-        if block[257:263] == b"ustar\0":  # POSIX ustar: a prefix may hold the name's start
-            prefix = _text(block[345:500])
-            if prefix:
-                name = f"{prefix}/{name}"
-        return name
+def _is_disk_candidate(entry: TarEntry) -> bool:
+    parts = _disk_parts(entry)
+    return (
+        parts is not None
+        and not parts[-1].startswith(".wh.")
+        and (entry.type in REGULAR or entry.sparse)
+    )
 
 
 class _LayerWork:
@@ -509,13 +344,13 @@ class _LayerWork:
         self.layer = layer
         self.what = f"the layer {layer.digest}"
         self.blob = _Blob(source, layer)
-        self.tar: TarStream | None = None
+        self.tar: TarEntries | None = None
         self.disk: TarEntry | None = None
 
     def find_disk(self) -> TarEntry | None:
-        self.tar = TarStream(_Decompressed(self.blob).read, self.what)
+        self.tar = TarEntries(_Decompressed(self.blob).read, self.what)
         while (entry := self.tar.next()) is not None:
-            if entry.is_disk_candidate:
+            if _is_disk_candidate(entry):
                 self._refuse_sparse(entry)
                 self.disk = entry
                 return entry
@@ -529,7 +364,7 @@ class _LayerWork:
         if self.tar.remaining:
             return self.tar.read_data(n)
         while (entry := self.tar.next()) is not None:
-            if entry.is_disk_candidate:
+            if _is_disk_candidate(entry):
                 raise InvalidImage(
                     f"{self.what} has more than one file under disk/: {self.disk.name} "
                     f"and {entry.name}"
@@ -579,7 +414,7 @@ class LayerReader:
         the whole layer) when the layer has none."""
         return await self._run(self._work.find_disk)  # type: ignore[return-value]
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         while (piece := await self._run(self._work.read_disk, PIECE)) is not None:
             yield piece  # type: ignore[misc]
 
@@ -605,7 +440,7 @@ async def disk_from_layers(
             entry = await reader.find_disk()
             if entry is None:
                 continue
-            parts = entry.disk_parts
+            parts = _disk_parts(entry)
             assert parts is not None
             chunks = reader.chunks()
             try:

@@ -6,9 +6,10 @@ over `disk.img`, so a failed or refused transfer never leaves half-written data 
 never touches what was stored before. A block claim (a block device, or a pre-sized file
 given by path) is written in place; its zero ranges, the ranges a converter skips (a
 qcow2's unallocated clusters) and the tail past the image are explicitly zeroed, since the
-old contents are still there.
+old contents are still there. Both are `RawTarget`s (importer.formats.base); a filesystem
+claim can tell its extents too.
 
-Both can be synced and reopened, for a transfer that continues in another process from a
+Both can be flushed and reopened, for a transfer that continues in another process from a
 snapshot (`PvcSink.snapshot`, `PvcSink.resume`).
 """
 
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from importer.directio import is_direct_writable, open_direct
 from importer.errors import ImageTooLarge, ProvisioningFailed, StorageFull
-from importer.formats.base import Buffer, Converter, ImageInfo, Limits
+from importer.formats.base import Buffer, Converter, Extent, ImageInfo, Limits
 from importer.formats.snapshot import state_metadata
 from importer.sinks.decode import DecodeLane
 from importer.writeback import WRITEBACK_EVERY, start_writeback
@@ -192,7 +193,7 @@ class FileClaimTarget(_ClaimDescriptors):
             "size": os.fstat(self.fd).st_size,
         }
 
-    def sync(self) -> None:
+    def flush(self) -> None:
         """Makes everything written so far durable, the partial file's name (and the claim
         directory's) included."""
         try:
@@ -217,6 +218,43 @@ class FileClaimTarget(_ClaimDescriptors):
         except OSError as exc:
             _raise_os_error(exc, "writing the image")
         self.end = max(self.end, end)
+
+    def zero(self, offset: int, length: int) -> None:
+        end = offset + length
+        _check_capacity(end, self.capacity, "the claim")
+        # The partial file is new: nothing past the highest write holds data.
+        stop = min(end, self.end)
+        if offset < stop:
+            try:
+                _zero_range(self.fd, offset, stop - offset, device=False)
+            except OSError as exc:
+                _raise_os_error(exc, "zeroing the image")
+
+    def extents(self, offset: int, length: int) -> list[Extent]:
+        """Data and holes of the partial file (SEEK_DATA, SEEK_HOLE); all of it is data
+        where the filesystem cannot tell. Bytes past the file's end are a hole."""
+        end = offset + length
+        found: list[Extent] = []
+        pos = offset
+        try:
+            while pos < end:
+                try:
+                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: no data from here on
+                        raise
+                    data = end
+                data = min(data, end)
+                if data > pos:
+                    found.append(Extent(pos, data - pos, False))
+                if data >= end:
+                    break
+                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
+                found.append(Extent(data, hole - data, True))
+                pos = hole
+        except OSError as exc:
+            _raise_os_error(exc, "reading the image's extents")
+        return found
 
     def commit(self, virtual_size: int) -> None:
         """Exact size, durable, then visible as `disk.img`."""
@@ -289,7 +327,7 @@ class BlockClaimTarget(_ClaimDescriptors):
             "written": self.written,
         }
 
-    def sync(self) -> None:
+    def flush(self) -> None:
         """Makes everything written so far durable."""
         try:
             os.fdatasync(self.fd)
@@ -309,36 +347,33 @@ class BlockClaimTarget(_ClaimDescriptors):
         try:
             for run_offset, run in data_runs(offset, data):
                 if run_offset > pos:
-                    self._zero(pos, run_offset - pos)
+                    _zero_range(self.fd, pos, run_offset - pos, self.is_device)
                 self._pwrite(run, run_offset)
                 self.written += len(run)
                 pos = run_offset + len(run)
             if end > pos:
-                self._zero(pos, end - pos)
+                _zero_range(self.fd, pos, end - pos, self.is_device)
         except OSError as exc:
             _raise_os_error(exc, "writing the image")
         self.end = max(self.end, end)
 
-    def _zero(self, offset: int, length: int) -> None:
-        if self.is_device:
-            try:
-                fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-                return
-            except OSError:
-                pass
-        else:
-            mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
-            if _libc.fallocate(self.fd, mode, offset, length) == 0:
-                return
-        for pos in range(offset, offset + length, ZERO_GRANULE):
-            _pwrite_all(self.fd, memoryview(_ZERO)[: min(ZERO_GRANULE, offset + length - pos)], pos)
+    def zero(self, offset: int, length: int) -> None:
+        end = offset + length
+        _check_capacity(end, self.capacity, f"the block claim {self.path}")
+        # As in `write`: the gap between the furthest write and this range holds old data.
+        start = min(offset, self.end)
+        try:
+            _zero_range(self.fd, start, end - start, self.is_device)
+        except OSError as exc:
+            _raise_os_error(exc, "zeroing the image")
+        self.end = max(self.end, end)
 
     def commit(self, virtual_size: int) -> None:
         """Zero the tail past the image (stale data from before) and make it durable."""
         _check_capacity(virtual_size, self.capacity, f"the block claim {self.path}")
         try:
             if self.capacity > self.end:
-                self._zero(self.end, self.capacity - self.end)
+                _zero_range(self.fd, self.end, self.capacity - self.end, self.is_device)
             os.fsync(self.fd)
             self.close()
         except OSError as exc:
@@ -350,6 +385,23 @@ class BlockClaimTarget(_ClaimDescriptors):
     @property
     def stored_bytes(self) -> int:
         return self.capacity
+
+
+def _zero_range(fd: int, offset: int, length: int, device: bool) -> None:
+    """Zeroes a range in place: BLKZEROOUT on a block device, a hole punched in a file,
+    zeros written where neither is supported."""
+    if device:
+        try:
+            fcntl.ioctl(fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError:
+            pass
+    else:
+        mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+        if _libc.fallocate(fd, mode, offset, length) == 0:
+            return
+    for pos in range(offset, offset + length, ZERO_GRANULE):
+        _pwrite_all(fd, memoryview(_ZERO)[: min(ZERO_GRANULE, offset + length - pos)], pos)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -410,7 +462,7 @@ class PvcSink:
         self.decode.settle()  # before the target's counters are read: it may still write
         state = self.decode.snapshot({"target": self.target.state()})
         if state is not None:
-            self.target.sync()
+            self.target.flush()
         return state
 
     @classmethod

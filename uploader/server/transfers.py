@@ -19,7 +19,8 @@ from importer.errors import Suspended, TransferError, TransferInterrupted
 from importer.metrics import Metrics
 from importer.pipeline import Checkpoint, PipelineOptions, Sink, TransferResult
 from importer.progress import Progress, format_quantity
-from importer.transfer import OpenedSource, SourceOpener, run_transfer
+from importer.sources.opened import OpenedSource, SourceOpener
+from importer.transfer import run_transfer
 from uploader.errors import ApiError, Conflict, NotFound
 from uploader.server.checkpoints import Checkpoints, SavedUpload
 from uploader.server.config import ServerConfig

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from importer.errors import ImageTooLarge
+from importer.sources.opened import OpenedSource
 from importer.sources.reader import Reader
-from importer.transfer import OpenedSource
 from uploader.errors import ApiError, BadRequest, Conflict, Gone, NotFound
 from uploader.server.checkpoints import Checkpoints, SavedUpload
 from uploader.server.config import ServerConfig

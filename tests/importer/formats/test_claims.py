@@ -10,7 +10,8 @@ import pytest
 from importer.errors import InvalidImage, UnsupportedFormat
 from importer.formats import claims as layout
 from importer.formats.base import Limits
-from importer.formats.claims import RunMap, Spill, StreamLayout
+from importer.formats.claims import RunMap, StreamLayout
+from importer.formats.spill import Spill
 
 
 class MemoryTarget:
@@ -33,7 +34,7 @@ def feed(engine: StreamLayout, data: bytes, rnd: random.Random) -> None:
 
 
 def test_spill_moves_to_a_side_file_and_splits(tmp_path: Path) -> None:
-    spill = Spill(Limits(spill_memory=1000, spill_dir=str(tmp_path)))
+    spill = Spill(memory_limit=1000, directory=str(tmp_path))
     data = bytes(range(256)) * 20
     for pos in range(0, len(data), 700):
         spill.add(pos, memoryview(data)[pos : pos + 700])

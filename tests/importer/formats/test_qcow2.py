@@ -35,7 +35,8 @@ from qcow2_helpers import (
 from importer.errors import ImageTooLarge, InvalidImage, TransferError, UnsupportedFormat
 from importer.formats.base import Limits
 from importer.formats.decoder import ImageDecoder
-from importer.formats.qcow2 import Qcow2Converter, Spill
+from importer.formats.qcow2 import Qcow2Converter
+from importer.formats.spill import Spill
 from importer.sinks.pvc import FileClaimTarget
 
 BASE_SIZE = 16 * MiB

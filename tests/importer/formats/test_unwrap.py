@@ -24,13 +24,12 @@ from qcow2_helpers import MiB
 
 from importer.errors import ImageTooLarge, InvalidImage, TransferError
 from importer.formats.base import Limits
+from importer.formats.tar import parse_pax_records, parse_tar_number
 from importer.formats.unwrap import (
     BYTES_PER_UNIT,
     FREE_UNITS,
     PIECE,
     TarReader,
-    parse_pax_records,
-    parse_tar_number,
     unwrapper,
     zstd_decompress_exactly,
 )

@@ -13,13 +13,8 @@ import pytest
 import zstandard
 
 from importer.errors import InvalidImage
-from importer.oci.disklayer import (
-    BLOCK,
-    NO_DISK,
-    FileSource,
-    TarStream,
-    disk_from_layers,
-)
+from importer.formats.tar import BLOCK, TarEntries
+from importer.oci.disklayer import NO_DISK, FileSource, disk_from_layers
 from importer.oci.image import Descriptor
 
 MiB = 1 << 20
@@ -137,18 +132,17 @@ def _huge_pax_layer() -> bytes:
     return tar_of((info, data), tar_format=tarfile.PAX_FORMAT)
 
 
-def test_tar_stream_reads_entries_in_order() -> None:
+def test_tar_entries_are_read_in_order() -> None:
     link = tarfile.TarInfo("disk/link")
     link.type = tarfile.SYMTYPE
     link.linkname = "disk/real"
     layer = tar_of(regular("a", b"1" * 700), (link, None), regular("b", b"22"))
-    stream = TarStream(io.BytesIO(layer).read, "test")
+    stream = TarEntries(io.BytesIO(layer).read, "test")
     first = stream.next()
     assert first is not None and (first.name, first.size) == ("a", 700)
     assert stream.read_data(10) == b"1" * 10
     second = stream.next()  # the rest of `a` is skipped
     assert second is not None and (second.type, second.linkname) == (b"2", "disk/real")
-    assert not second.is_disk_candidate
     third = stream.next()
     assert third is not None and stream.read_data(100) == b"22" and stream.read_data(1) == b""
     assert stream.next() is None and stream.next() is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from collections.abc import Iterator
@@ -166,3 +167,53 @@ def test_block_claim_too_small(tmp_path: Path) -> None:
     with pytest.raises(ImageTooLarge, match="block claim"):
         target.declare_size(2 * MiB)
     target.abort()
+
+
+def test_file_claim_zero_clears_what_was_written_and_costs_nothing_past_it(
+    tmp_path: Path,
+) -> None:
+    target = FileClaimTarget(tmp_path / "claim")
+    payload = os.urandom(2 * MiB)
+    target.write(0, payload)
+    target.zero(MiB // 2, MiB)  # within what was written: a hole
+    target.zero(4 * MiB, 4 * MiB)  # past it: already zeros, nothing to do
+    assert target.end == 2 * MiB
+    target.flush()
+    target.commit(8 * MiB)
+    data = (tmp_path / "claim" / "disk.img").read_bytes()
+    assert data == payload[: MiB // 2] + bytes(MiB) + payload[3 * MiB // 2 :] + bytes(6 * MiB)
+    with pytest.raises(ImageTooLarge):
+        FileClaimTarget(tmp_path / "small", capacity=MiB).zero(0, 2 * MiB)
+
+
+def test_file_claim_extents(tmp_path: Path) -> None:
+    target = FileClaimTarget(tmp_path / "claim")
+    target.write(MiB, os.urandom(MiB))
+    extents = target.extents(0, 4 * MiB)
+    assert extents[0].offset == 0 and not extents[0].data
+    assert sum(extent.length for extent in extents) == 4 * MiB
+    assert all(a.offset + a.length == b.offset for a, b in itertools.pairwise(extents))
+    data = [(extent.offset, extent.length) for extent in extents if extent.data]
+    # The filesystem may report data in larger units, but covers what was written.
+    assert data and data[0][0] <= MiB and data[-1][0] + data[-1][1] >= 2 * MiB
+    assert not extents[-1].data
+    target.abort()
+
+
+def test_block_claim_zero_is_explicit(tmp_path: Path) -> None:
+    device = tmp_path / "device"
+    device.write_bytes(b"\xff" * (4 * MiB))
+    target = BlockClaimTarget(device)
+    payload = os.urandom(MiB)
+    target.write(0, payload)
+    target.zero(MiB // 2, 100)
+    target.zero(2 * MiB, MiB)  # the gap before it holds old data too: zeroed with it
+    assert target.end == 3 * MiB
+    target.flush()
+    target.abort()  # no commit: the tail keeps its old contents
+    data = device.read_bytes()
+    assert data[: MiB // 2] == payload[: MiB // 2]
+    assert data[MiB // 2 : MiB // 2 + 100] == bytes(100)
+    assert data[MiB // 2 + 100 : MiB] == payload[MiB // 2 + 100 :]
+    assert data[MiB : 3 * MiB] == bytes(2 * MiB)
+    assert data[3 * MiB :] == b"\xff" * MiB
