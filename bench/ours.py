@@ -1,10 +1,8 @@
 """Our server, `dvcr-uploader serve`, as a child process, and the API calls an upload or an
-import needs."""
+import needs (through the project's own API client)."""
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -17,14 +15,11 @@ from typing import Any
 
 from bench.process import ChildProcess, ServerProcess, free_port
 from bench.procstat import status_kib
+from uploader.client.api_client import ApiClient, ClientError, phase
+from uploader.resources import VIRTUAL_IMAGE
 
-API = "/apis/virtualization.deckhouse.io/v1alpha2"
 # Variables that change how the server stores data; a run sets them only on purpose.
 _FAULT_ENV = ("DVCR_FAULT_SINK_BYTES_PER_SEC",)
-
-
-class ApiFailed(RuntimeError):
-    pass
 
 
 def upload_manifest(name: str, storage: str = "PersistentVolumeClaim") -> dict[str, Any]:
@@ -107,7 +102,8 @@ class OurServer(ServerProcess):
     def _healthy(self) -> bool:
         try:
             with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
-                return r.status == 200
+                status: int = r.status
+                return status == 200
         except OSError:
             return False
 
@@ -121,39 +117,17 @@ class OurServer(ServerProcess):
 
     # -- API ----------------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw.strip() else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            return exc.code, json.loads(raw) if raw.strip() else None
-
-    def _images(self, name: str | None = None) -> str:
-        path = f"{API}/namespaces/{self.namespace}/virtualimages"
-        return f"{path}/{name}" if name else path
+    @property
+    def api(self) -> ApiClient:
+        return ApiClient(self.url, timeout=120)
 
     def create_upload(
         self, name: str, storage: str = "PersistentVolumeClaim", timeout: float = 30
     ) -> str:
         """Creates an image fed by upload; returns its external upload URL."""
-        code, obj = self._call("POST", self._images(), upload_manifest(name, storage))
-        if code != 201:
-            raise ApiFailed(f"creating {name}: {code} {obj}")
-        deadline = time.monotonic() + timeout
-        while True:
-            url = (obj.get("status") or {}).get("imageUploadURLs", {}).get("external")
-            if url and obj["status"].get("phase") == "WaitForUserUpload":
-                return str(url)
-            if time.monotonic() > deadline:
-                raise ApiFailed(f"{name} did not wait for an upload: {obj.get('status')}")
-            time.sleep(0.02)
-            code, obj = self._call("GET", self._images(name))
+        api = self.api
+        api.create(VIRTUAL_IMAGE, self.namespace, upload_manifest(name, storage))
+        return api.upload_url(name, timeout, self.namespace)
 
     def import_http(
         self, name: str, url: str, storage: str = "PersistentVolumeClaim", timeout: float = 3600
@@ -161,31 +135,22 @@ class OurServer(ServerProcess):
         """Creates an image fed from `url` and follows it with a watch until it is Ready or
         Failed. Returns the seconds from the create request until that event, and the
         object as the event had it."""
-        watch = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            # The watch is open before the image exists: no event can be missed.
-            watch.request("GET", self._images(name) + "?watch=true")
-            events = watch.getresponse()
-            if events.status != 200:
-                raise ApiFailed(f"watching {name}: {events.status} {events.read()[:500]!r}")
+        api = self.api
+        # The watch is open before the image exists: no event can be missed.
+        with api.open_watch(VIRTUAL_IMAGE, self.namespace, name, timeout) as events:
             started = time.perf_counter()
-            code, obj = self._call("POST", self._images(), http_manifest(name, url, storage))
-            if code != 201:
-                raise ApiFailed(f"creating {name}: {code} {obj}")
-            while line := events.readline():
-                event = json.loads(line)
+            obj = api.create(VIRTUAL_IMAGE, self.namespace, http_manifest(name, url, storage))
+            for event in events:
                 obj = event["object"]
-                if (obj.get("status") or {}).get("phase") in ("Ready", "Failed"):
+                if phase(obj) in ("Ready", "Failed"):
                     return time.perf_counter() - started, obj
-            raise ApiFailed(f"the watch of {name} ended before it was Ready: {obj.get('status')}")
-        finally:
-            watch.close()
+        raise ClientError(f"the watch of {name} ended before it was Ready: {obj.get('status')}")
 
     def delete(self, name: str) -> None:
         """Deletes the image and its data (the server removes the claim directory)."""
-        code, obj = self._call("DELETE", self._images(name))
+        code, obj = self.api.call("DELETE", self.api.path(VIRTUAL_IMAGE, self.namespace, name))
         if code not in (200, 404):
-            raise ApiFailed(f"deleting {name}: {code} {obj}")
+            raise ClientError(f"deleting {name}: {code} {obj}", code)
         claim = self.claim_dir(name)
         if claim.exists():
             shutil.rmtree(claim)

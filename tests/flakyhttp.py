@@ -26,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from waiting import wait_until_async
+
 FILE_PATH = "/file"
 LAST_MODIFIED = "Wed, 21 Oct 2015 07:28:00 GMT"
 CHANGED_LAST_MODIFIED = "Thu, 22 Oct 2015 09:00:00 GMT"
@@ -408,9 +410,11 @@ class RequestCuttingProxy(_LoopbackProxy):
     async def _server_has(self, target: str, offset: int, timeout: float = 10.0) -> None:
         """Waits until a HEAD of `target` on the server answers `Upload-Offset: offset`
         or more."""
-        async with asyncio.timeout(timeout):
-            while await _upload_offset(self.upstream_port, target) < offset:
-                await asyncio.sleep(0.02)
+
+        async def reached() -> bool:
+            return await _upload_offset(self.upstream_port, target) >= offset
+
+        await wait_until_async(reached, timeout, what=f"the server to have {offset} bytes")
 
 
 def _body_start(headers: dict[str, str]) -> int:

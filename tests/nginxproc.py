@@ -6,11 +6,12 @@ import os
 import shutil
 import signal
 import subprocess
-import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 from serverproc import free_port
+from waiting import wait_until
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
@@ -66,16 +67,20 @@ class Nginx:
                 server = f"{tls}\n{server}"
         config.write_text(CONFIG.format(user=user, root=self.root, port=self.port, server=server))
         self.proc = subprocess.Popen([NGINX, "-c", str(config), "-p", str(self.root)])
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(self.url + "/", timeout=1)
-                return self
-            except urllib.error.HTTPError:
-                return self  # it answers: 403/404 on the directory is fine
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError((self.root / "error.log").read_text())
+        try:
+            wait_until(self._answers, timeout=10, interval=0.05, what="nginx to answer")
+        except AssertionError:
+            raise RuntimeError((self.root / "error.log").read_text()) from None
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            urllib.request.urlopen(self.url + "/", timeout=1).close()
+        except urllib.error.HTTPError:
+            return True  # it answers: 403/404 on the directory is fine
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -8,11 +8,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from serverproc import free_port
+from waiting import wait_until
 
 REGISTRY = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 HTTP_SECRET = "dvcr-tests-fixed-http-secret"
@@ -68,17 +68,24 @@ class Registry:
             self.proc = subprocess.Popen(
                 [REGISTRY, "serve", str(config_path)], stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return self
-            except OSError:
-                time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"docker-registry did not start: {self.log_path.read_text()}")
+        try:
+            wait_until(self._listening, timeout=10, what="docker-registry to listen")
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(
+                f"docker-registry did not start: {self.log_path.read_text()}"
+            ) from None
+        return self
+
+    def _listening(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"docker-registry exited: {self.log_path.read_text()}")
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

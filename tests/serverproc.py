@@ -1,4 +1,5 @@
-"""A real `dvcr-uploader serve` process on a loopback port, and a small client for tests."""
+"""A real `dvcr-uploader serve` process on a loopback port, with the API calls tests make of
+it (through the project's own API client), and curl runs against its upload URLs."""
 
 from __future__ import annotations
 
@@ -8,13 +9,19 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-API = "/apis/virtualization.deckhouse.io/v1alpha2"
+from waiting import wait_until
+
+from uploader.client.api_client import ApiClient, ClientError
+from uploader.client.credentials import Credentials
+from uploader.resources import GROUP, VERSION, VIRTUAL_IMAGE, Kind
+
+API = f"/apis/{GROUP}/{VERSION}"
 
 
 def free_port() -> int:
@@ -75,17 +82,18 @@ class Server:
             stderr=subprocess.STDOUT,
             env=self.env,
         )
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("server did not start")
+        wait_until(self._healthy, timeout=20, interval=0.05, what="the server to answer /healthz")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"server exited: {self.log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
@@ -111,26 +119,18 @@ class Server:
         assert self.proc is not None
         return self.proc.pid
 
-    # -- HTTP ---------------------------------------------------------------------------
+    # -- API ----------------------------------------------------------------------------
+
+    @property
+    def api(self) -> ApiClient:
+        """A client of this server's API with its token as it is now (tests change both)."""
+        return ApiClient(self.url, Credentials(self.token))
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            request.add_header("Content-Type", "application/json")
-        if self.token is not None:
-            request.add_header("Authorization", f"Bearer {self.token}")
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                raw = response.read()
-                return response.status, json.loads(raw) if raw.strip() else None
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            return exc.code, json.loads(raw) if raw.strip() else None
+        return self.api.call(method, path, body)
 
     def images_path(self, namespace: str = "default", name: str | None = None) -> str:
-        path = f"{API}/namespaces/{namespace}/virtualimages"
-        return f"{path}/{name}" if name else path
+        return self.api.path(VIRTUAL_IMAGE, namespace, name)
 
     def create(self, doc: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
         code, obj = self.call("POST", self.images_path(namespace), doc)
@@ -142,27 +142,39 @@ class Server:
         assert code == 200, obj
         return obj
 
-    def wait_phase(
-        self, name: str, phases: tuple[str, ...], timeout: float = 60, namespace: str = "default"
+    def wait_for(
+        self,
+        name: str,
+        done: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout: float = 60,
+        namespace: str = "default",
+        kind: Kind = VIRTUAL_IMAGE,
     ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            obj = self.get(name, namespace)
-            if obj["status"]["phase"] in phases:
-                return obj
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} stayed {obj['status']}")
-            time.sleep(0.05)
+        """The image as soon as `done` holds for it."""
+        try:
+            return self.api.wait_for(name, done, what, timeout, namespace, kind)
+        except ClientError as exc:
+            raise AssertionError(exc.message) from None
+
+    def wait_phase(
+        self,
+        name: str,
+        phases: tuple[str, ...],
+        timeout: float = 60,
+        namespace: str = "default",
+        kind: Kind = VIRTUAL_IMAGE,
+    ) -> dict[str, Any]:
+        try:
+            return self.api.wait_for_phase(name, phases, timeout, namespace, kind)
+        except ClientError as exc:
+            raise AssertionError(exc.message) from None
 
     def wait_gone(self, name: str, timeout: float = 60, namespace: str = "default") -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            code, obj = self.call("GET", self.images_path(namespace, name))
-            if code == 404:
-                return
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{name} is still there: {obj['status']}")
-            time.sleep(0.05)
+        try:
+            self.api.wait_gone(name, timeout, namespace)
+        except ClientError as exc:
+            raise AssertionError(exc.message) from None
 
     def upload_url(self, name: str, namespace: str = "default") -> str:
         obj = self.wait_phase(name, ("WaitForUserUpload",), namespace=namespace)

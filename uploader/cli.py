@@ -363,7 +363,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
             )
             failed = True
             continue
-        metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+        raw_metadata = doc.get("metadata")
+        metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
         name = metadata.get("name")
         namespace = metadata.get("namespace") or args.namespace
         if not isinstance(namespace, str):

@@ -1,7 +1,7 @@
 """The client's side of access (README: "Access, and what the server refuses"): bearer
-tokens from `--token`, `DVCR_TOKEN` or `DVCR_TOKEN_FILE`, and TLS checked against `--certificate-authority` or
-skipped with `--insecure-skip-tls-verify`. Real server, real certificates, the command
-as a subprocess.
+tokens from `--token`, `DVCR_TOKEN` or `DVCR_TOKEN_FILE`, and TLS checked against
+`--certificate-authority` or skipped with `--insecure-skip-tls-verify`. Real server, real
+certificates, the command as a subprocess.
 
 The tests named `..._needs_server_access` need the server's access layer (401 without a
 known token when `--api-token-file` is given)."""

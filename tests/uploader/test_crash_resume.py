@@ -5,13 +5,13 @@ from __future__ import annotations
 import gzip
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
 from serverproc import Server, curl, head_offset, manifest
+from waiting import wait_until
 
 EVERY = 8 * MiB
 
@@ -30,10 +30,7 @@ def cut_by_the_server_dying(srv: Server, image: Path, url: str, sig: int, at: in
     proc = subprocess.Popen(
         ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "16M", "-T", str(image), url]
     )
-    deadline = time.monotonic() + 60
-    while head_offset(url) < at:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_until(lambda: head_offset(url) >= at, timeout=60, what=f"{at} bytes uploaded")
     srv.stop(sig)
     proc.wait(30)
 

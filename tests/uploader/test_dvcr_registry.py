@@ -8,7 +8,6 @@ import json
 import lzma
 import os
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 from diskimages import MiB, make_iso, qemu_convert, write_disk_image
 from dvcrimage import check_image, skopeo_copy
 from registryproc import Registry
-from serverproc import Server, background_upload, curl, manifest
+from serverproc import Server, background_upload, curl, head_offset, manifest
+from waiting import wait_until
 
 
 def tags(registry: Registry, repo: str) -> list[str]:
@@ -76,7 +76,7 @@ def test_registry_stopped_mid_push(dvcr_server: Server, registry: Registry, tmp_
     url = dvcr_server.upload_url("cut")
     proc = background_upload(image, url, "8M")
     dvcr_server.wait_phase("cut", ("Provisioning",))
-    time.sleep(1)
+    wait_until(lambda: head_offset(url) >= 8 * MiB, what="the push to be under way")
     registry.kill()
     out, _ = proc.communicate(timeout=120)
     assert out != b"200"

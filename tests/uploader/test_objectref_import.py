@@ -14,6 +14,9 @@ from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
 from dvcrimage import check_image, skopeo_copy
 from registryproc import Registry
 from serverproc import API, Server, curl, manifest
+from waiting import wait_until
+
+from uploader.resources import CLUSTER_VIRTUAL_IMAGE, ready_condition
 
 
 def ref_manifest(
@@ -48,6 +51,16 @@ def ready(server: Server, name: str, timeout: float = 60) -> dict[str, Any]:
 
 def condition(obj: dict[str, Any]) -> dict[str, Any]:
     return next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+
+
+def waiting_because(server: Server, name: str, words: str) -> dict[str, Any]:
+    """The image as soon as its Ready condition says `words` (why it waits)."""
+
+    def says(obj: dict[str, Any]) -> bool:
+        found = ready_condition(obj.get("status") or {})
+        return found is not None and words in found.get("message", "")
+
+    return server.wait_for(name, says, f"a Ready condition that says {words!r}")
 
 
 def layout_blobs(server: Server) -> set[str]:
@@ -110,12 +123,7 @@ def test_cluster_image_from_a_namespaced_image(server: Server, tmp_path: Path) -
     del doc["spec"]["storage"]
     code, body = server.call("POST", f"{API}/clustervirtualimages", doc)
     assert code == 201, body
-    deadline = time.monotonic() + 30
-    while True:
-        _, obj = server.call("GET", f"{API}/clustervirtualimages/shared")
-        if obj["status"]["phase"] in ("Ready", "Failed") or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    obj = server.wait_phase("shared", ("Ready", "Failed"), 30, kind=CLUSTER_VIRTUAL_IMAGE)
     assert obj["status"]["phase"] == "Ready", obj["status"]
     assert obj["status"]["checksum"] == source["status"]["checksum"]
     assert ":cvi/shared:" in obj["status"]["target"]["registryURL"]
@@ -178,8 +186,7 @@ def test_waits_in_pending_until_the_source_is_ready(server: Server, tmp_path: Pa
     server.create(manifest("base", storage="ContainerRegistry"))
     url = server.upload_url("base")
     server.create(ref_manifest("later", "VirtualImage", "base"))
-    time.sleep(1)
-    waiting = server.get("later")
+    waiting = waiting_because(server, "later", "WaitForUserUpload")
     assert waiting["status"]["phase"] == "Pending"
     assert condition(waiting)["reason"] == "ProvisioningNotStarted"
     assert 'VirtualImage "base"' in condition(waiting)["message"]
@@ -217,6 +224,11 @@ def test_a_failed_source_fails_the_image(server: Server, tmp_path: Path) -> None
 # -- VirtualDisks -----------------------------------------------------------------------------
 
 
+def holds_open(pid: int, path: Path) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.path.realpath(fd) == str(path.resolve()) for fd in fds.iterdir())
+
+
 def virtual_disk(server: Server, name: str, size: int, seed: int) -> tuple[Path, str]:
     directory = server.data_dir / "pvc" / "default" / f"vd-{name}"
     directory.mkdir(parents=True)
@@ -231,10 +243,9 @@ def test_a_disk_in_use_by_qemu_waits_until_it_is_free(server: Server) -> None:
         ["qemu-io", "-f", "raw", str(path)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL
     )
     try:
-        time.sleep(0.5)
+        wait_until(lambda: holds_open(qemu.pid, path), what="qemu to open the disk")
         server.create(ref_manifest("snapshot", "VirtualDisk", "vm-disk"))
-        time.sleep(1.5)
-        waiting = server.get("snapshot")
+        waiting = waiting_because(server, "snapshot", "qemu")
         assert waiting["status"]["phase"] == "Pending"
         assert "qemu" in condition(waiting)["message"]
         assert 'VirtualDisk "vm-disk"' in condition(waiting)["message"]
@@ -268,8 +279,7 @@ def test_a_disk_with_a_write_lock_waits_and_is_held_while_read(
         )
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         srv.create(ref_manifest("copy", "VirtualDisk", "vm-disk"))
-        time.sleep(1.5)
-        waiting = srv.get("copy")
+        waiting = waiting_because(srv, "copy", "write lock")
         assert waiting["status"]["phase"] == "Pending"
         assert "write lock" in condition(waiting)["message"]
         assert holder.stdin is not None
@@ -304,7 +314,7 @@ def test_deleting_a_source_in_use_waits_in_terminating(tmp_path: Path) -> None:
         code, body = srv.call("DELETE", srv.images_path(name="base"))
         assert code == 200, body
         assert body["status"]["phase"] == "Terminating"
-        time.sleep(0.5)
+        time.sleep(0.5)  # time for a deletion that did not wait for its user to go ahead
         assert srv.get("base")["status"]["phase"] == "Terminating"
         code, body = srv.call("PUT", srv.images_path(name="base"), manifest("base"))
         assert code == 422 and body["reason"] == "SpecImmutable"

@@ -37,6 +37,7 @@ from serverproc import Server, background_upload, manifest
 from smallfs import small_filesystem
 from tusclient import client as tus
 from tusclient.exceptions import TusCommunicationError, TusUploadFailed
+from waiting import wait_until
 
 PVC = "PersistentVolumeClaim"
 DVCR = "ContainerRegistry"
@@ -216,9 +217,7 @@ class TagWatch:
 
     def wait_seen(self, timeout: float = 5) -> None:
         """Waits until a tag has been seen (it appears just before the answer)."""
-        deadline = time.monotonic() + timeout
-        while not self.seen and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: self.seen, timeout, what="a tag in the registry")
 
     def first_seen(self) -> float | None:
         return self.seen[0][0] if self.seen else None
@@ -243,17 +242,17 @@ def condition(obj: dict[str, Any]) -> dict[str, Any]:
 def wait_parked(server: Server, name: str, url: str, timeout: float = 30) -> int:
     """Waits until the upload waits for a request to continue it (the server noticed the
     cut), and its offset holds still; returns the offset."""
-    deadline = time.monotonic() + timeout
-    last = -1
-    while True:
-        obj = server.get(name)
-        if obj["status"]["phase"] == "WaitForUserUpload":
-            offset = head_offset(url)
-            if offset == last:
-                return offset
-            last = offset
-        assert time.monotonic() < deadline, f"{name} did not wait: {obj['status']}"
-        time.sleep(0.1)
+    last = [-1]
+
+    def parked_and_still() -> bool:
+        if server.get(name)["status"]["phase"] != "WaitForUserUpload":
+            return False
+        offset = head_offset(url)
+        held, last[0] = offset == last[0], offset
+        return held
+
+    wait_until(parked_and_still, timeout, interval=0.1, what=f"{name} to wait, its offset still")
+    return last[0]
 
 
 # -- images and storages ------------------------------------------------------------------
@@ -380,7 +379,9 @@ def test_random_cuts_end_with_the_same_image(
 
     if target.kind == "pvc":
         curl_proc = background_upload(image.path, url, "16M")
-        time.sleep(rng.uniform(0.3, 1.0))
+        # Killed at a random moment: after 0.3-1 s of its 16 MB/s.
+        at = min(int(rng.uniform(0.3, 1.0) * 16 * MiB), image.size // 2)
+        wait_until(lambda: head_offset(url) >= at, what=f"{at} bytes uploaded")
         curl_proc.kill()
         curl_proc.wait()
         offset = wait_parked(server, "cut", url)
@@ -554,13 +555,14 @@ def test_a_stalled_request_is_taken_over(server: Server, tmp_path: Path) -> None
         stalled.send(data[:sent])
         # It keeps the connection open and sends nothing more. For a while it keeps its
         # place: a newcomer at the right offset gets 409.
-        time.sleep(0.5)
+        wait_until(lambda: head_offset(url) == sent, what=f"{sent} bytes taken")
+        time.sleep(max(0.0, stalled.last_send + 0.5 - time.monotonic()))  # 0.5 s of silence
         assert head_offset(url) == sent
         assert server.get("stall")["status"]["phase"] == "Provisioning"
         early = send_from(image, url, sent)
         assert early.code == 409, early
         assert early.headers["upload-offset"] == str(sent)
-        # After 2 s of silence a request that continues takes over.
+        # After 2 s of silence a request that continues takes over; the silence is the point.
         time.sleep(max(0.0, stalled.last_send + 2.5 - time.monotonic()))
         answer = send_from(image, url, sent)
         assert answer.code == 200, answer
@@ -583,11 +585,8 @@ def test_a_streaming_request_keeps_its_place(server: Server, tmp_path: Path) -> 
     url = server.upload_url("busy")
     streaming = background_upload(image, url, "4M")
     try:
-        deadline = time.monotonic() + 10
-        while (offset := head_offset(url)) < MiB:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        continued = send_from(image, url, offset)
+        wait_until(lambda: head_offset(url) >= MiB, what="1 MiB uploaded")
+        continued = send_from(image, url, head_offset(url))
         assert continued.code == 409, continued
         assert "in progress" in continued.body["message"]
         tus_answer = curl(
@@ -642,11 +641,10 @@ def test_a_cut_upload_left_past_the_grace_starts_over(tmp_path: Path) -> None:
         # still in its receive buffer; the client sends that again).
         offset = wait_parked(server, "grace", url)
         assert 0 < offset <= 4 * MiB
-        time.sleep(1)
+        time.sleep(1)  # a second of the grace time goes by: the upload keeps its offset
         assert head_offset(url) == offset  # still within the grace time
 
-        time.sleep(4)
-        assert head_offset(url) == 0
+        wait_until(lambda: head_offset(url) == 0, timeout=4, what="the grace time to end")
         obj = server.get("grace")
         assert obj["status"]["phase"] == "WaitForUserUpload"
         assert "continue it" not in condition(obj)["message"]
@@ -701,7 +699,7 @@ def test_a_registry_upload_parked_for_10_s_resumes(
             cut.send(f.read(10 * MiB + 99))
         cut.close()
         assert wait_parked(server, "parked", url) == 10 * MiB + 99
-        time.sleep(10)
+        time.sleep(10)  # parked for 10 s is what this tests: nothing changes meanwhile
         headers = head(url)
         assert headers["upload-offset"] == str(10 * MiB + 99)
         assert headers["upload-length"] == str(image.size)
@@ -753,10 +751,8 @@ def kill_mid_upload(server: Server, name: str, image: Path) -> int:
     url = server.upload_url(name)
     curl_proc = background_upload(image, url, "8M")
     try:
-        deadline = time.monotonic() + 20
-        while (offset := head_offset(url)) < 4 * MiB:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: head_offset(url) >= 4 * MiB, timeout=20, what="4 MiB uploaded")
+        offset = head_offset(url)
         server.stop(signal.SIGKILL)
         assert curl_proc.communicate(timeout=30)[0] != b"200"
     finally:
@@ -830,12 +826,9 @@ def test_registry_killed_mid_push_never_leaves_a_partial_tag(
     with TagWatch(registry, "vi/default/pushed") as watch:
         curl_proc = background_upload(image.path, url, "8M")
         try:
-            deadline = time.monotonic() + 20
-            while head_offset(url) < 8 * MiB:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+            wait_until(lambda: head_offset(url) >= 8 * MiB, timeout=20, what="8 MiB uploaded")
             registry.kill()
-            time.sleep(1)
+            time.sleep(1)  # the registry stays down a while, as one that restarts does
             registry.start()  # the same port and storage
             first_answer = curl_proc.communicate(timeout=60)[0]
         finally:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 from diskimages import MiB, sha256_file, write_disk_image
 from serverproc import Server, background_upload, curl, head_offset, manifest
+from waiting import wait_until
 
 
 def allocated(path: Path) -> int:
@@ -235,7 +236,7 @@ def test_an_interrupted_upload_continues_where_it_stopped(server: Server, tmp_pa
     url = server.upload_url("cut")
     proc = subprocess.Popen(["curl", "-sS", "--limit-rate", "8M", "-T", str(image), url])
     server.wait_phase("cut", ("Provisioning",))
-    time.sleep(1)
+    wait_until(lambda: head_offset(url) >= 8 * MiB, what="8 MiB uploaded")
     proc.kill()
     proc.wait()
 
@@ -380,11 +381,10 @@ def test_restart_keeps_images_and_data(tmp_path: Path) -> None:
         big = tmp_path / "big.raw"
         big.write_bytes(os.urandom(64 * MiB))
         srv.create(manifest("midway"))
-        proc = subprocess.Popen(
-            ["curl", "-sS", "--limit-rate", "8M", "-T", str(big), srv.upload_url("midway")]
-        )
+        midway_url = srv.upload_url("midway")
+        proc = subprocess.Popen(["curl", "-sS", "--limit-rate", "8M", "-T", str(big), midway_url])
         srv.wait_phase("midway", ("Provisioning",))
-        time.sleep(0.3)
+        wait_until(lambda: head_offset(midway_url) >= 2 * MiB, what="2 MiB uploaded")
         before = srv.get("kept")
 
         srv.restart(sig=9)  # no chance to clean up
@@ -423,7 +423,7 @@ def test_backpressure_keeps_memory_bounded(tmp_path: Path) -> None:
         def sample() -> None:
             while not stop.is_set():
                 peak_during.append(srv.rss())
-                time.sleep(0.05)
+                time.sleep(0.05)  # the pace of the samples, not a wait for a state
 
         sampler = threading.Thread(target=sample)
         sampler.start()

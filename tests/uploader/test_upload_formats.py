@@ -6,6 +6,7 @@ import hashlib
 import json
 import lzma
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_iso_is_a_cdrom(server: Server, tmp_path: Path) -> None:
     assert status["cdrom"] is True
     assert (server.claim_dir("installer") / "disk.img").read_bytes() == iso.read_bytes()
     table = subprocess.run(
-        ["python3", "-m", "uploader.cli", "--server", server.url, "get", "vi", "installer"],
+        [sys.executable, "-m", "uploader.cli", "--server", server.url, "get", "vi", "installer"],
         capture_output=True,
         text=True,
     ).stdout

@@ -31,7 +31,7 @@ import stat
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Never
 
 import aiohttp
 from multidict import CIMultiDictProxy
@@ -142,7 +142,7 @@ class _Upload:
         path: str,
         stream: BinaryIO,
         size: int | None,
-        bar: tqdm,
+        bar: tqdm[Never],  # a bar over no iterable: update() counts the bytes
         hasher: FileHasher | StreamHasher,
     ) -> None:
         self.session = session
@@ -177,7 +177,7 @@ class _Upload:
 
     # -- the whole upload -----------------------------------------------------------------
 
-    async def send_once(self) -> dict:
+    async def send_once(self) -> dict[str, Any]:
         """A pipe (or a device): one PUT from byte 0, no second try."""
         try:
             return await self._put(0)
@@ -190,14 +190,14 @@ class _Upload:
                 EXIT_NETWORK,
             ) from None
 
-    async def run(self, retries: int, retry_wait: float) -> dict:
+    async def run(self, retries: int, retry_wait: float) -> dict[str, Any]:
         while True:
             try:
                 return await self._attempt()
             except _Retry as failure:
                 await self._pause(failure, retries, retry_wait)
 
-    async def _attempt(self) -> dict:
+    async def _attempt(self) -> dict[str, Any]:
         assert self.size is not None
         first = not self.asked
         offset = await self._head()
@@ -306,7 +306,7 @@ class _Upload:
         except NETWORK_ERRORS:
             return {}
 
-    async def _put(self, offset: int) -> dict:
+    async def _put(self, offset: int) -> dict[str, Any]:
         """`PUT` of the file from `offset` to its end (a pipe: all of it)."""
         headers = {"Content-Type": "application/octet-stream"}
         if self.size is not None:
@@ -376,7 +376,7 @@ class _Upload:
             when = None if seconds is None else asyncio.get_running_loop().time() + seconds
             self.deadline.reschedule(when)  # type: ignore[union-attr]
 
-    async def _wait_until_done(self) -> dict:
+    async def _wait_until_done(self) -> dict[str, Any]:
         """The server has every byte: `GET` until it says the image is Ready or Failed."""
         try:
             async with asyncio.timeout(FINISH_TIMEOUT):
@@ -395,7 +395,7 @@ class _Upload:
                 f"the server did not finish the image within {FINISH_TIMEOUT:g} s"
             ) from None
 
-    async def _get(self) -> dict:
+    async def _get(self) -> dict[str, Any]:
         try:
             async with self.session.get(self.url, timeout=LOOK_TIMEOUT) as response:
                 text = await response.text()

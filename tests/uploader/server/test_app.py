@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from serverproc import API, Server, curl, manifest
+from waiting import wait_until
 
 from uploader.server.app import bind, escape_for_log
 from uploader.server.image_db import Store
@@ -48,7 +49,10 @@ def test_aiohttp_errors_are_status_objects(
 
 def test_the_access_log_escapes_control_characters(server: Server) -> None:
     curl("-o", "/dev/null", server.url + "/x%0a127.0.0.1%20%22GET%20/forged%22%20200")
-    time.sleep(0.2)
+    wait_until(
+        lambda: "/x\\x0a127.0.0.1" in server.log_path.read_text(),
+        what="the request in the access log",
+    )
     lines = server.log_path.read_text().splitlines()
     assert not any(line.startswith('127.0.0.1 "GET /forged') for line in lines)
     assert any("/x\\x0a127.0.0.1" in line for line in lines)
@@ -76,7 +80,7 @@ def test_a_connection_that_trickles_its_head_is_closed(tmp_path: Path) -> None:
             for _ in range(2):
                 conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert conn.recv(4096).startswith(b"HTTP/1.1 200")
-                time.sleep(0.3)
+                time.sleep(0.3)  # idle between requests, as a kept-alive client is
 
 
 def test_a_bound_socket_refuses_connections_until_the_server_listens() -> None:

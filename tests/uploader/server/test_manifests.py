@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from serverproc import Server, curl
+from waiting import wait_until
 
 from uploader.errors import ApiError, BadRequest
 from uploader.server.manifests import (
@@ -94,18 +95,21 @@ def test_big_manifests_do_not_stall_the_server(server: Server, tmp_path: Path) -
     assert body.stat().st_size < MAX_MANIFEST_SIZE
     stop = threading.Event()
 
+    posted: list[int] = []
+
     def post_forever() -> None:
         while not stop.is_set():
             code, _ = curl(
                 "-X", "POST", "--data-binary", f"@{body}", server.url + server.images_path()
             )
             assert code in (400, 422)
+            posted.append(code)
 
     posters = [threading.Thread(target=post_forever) for _ in range(4)]
     for poster in posters:
         poster.start()
     try:
-        time.sleep(0.5)
+        wait_until(lambda: len(posted) >= len(posters), what="the bodies to be posted")
         slowest = 0.0
         for _ in range(20):
             started = time.monotonic()

@@ -1,7 +1,7 @@
 """Throughput of a streamed blob push through RegistryClient against `curl -T` of the same
-bytes into one PATCH of the same registry, in the same run (not collected by pytest).
+bytes into one PATCH of the same registry, in the same run.
 
-    python3 tests/importer/oci/measure_push.py [SIZE_MIB] [ROUNDS]
+    python -m bench.measure_push [SIZE_MIB] [ROUNDS]
 """
 
 from __future__ import annotations
@@ -17,13 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parents[2])]
-sys.path += [str(HERE.parents[1]), str(HERE)]
-
-from registryproc import Registry  # noqa: E402
-
-from importer.oci.registry import RegistryClient  # noqa: E402
+from bench.registry import Registry
+from importer.oci.registry import RegistryClient
 
 MiB = 1 << 20
 READ = 4 * MiB
@@ -32,8 +27,8 @@ READ = 4 * MiB
 def make_file(path: Path, size: int) -> str:
     digest = hashlib.sha256()
     with open(path, "wb") as f:
-        for _ in range(size // (64 * MiB)):
-            block = os.urandom(64 * MiB)
+        for start in range(0, size, 64 * MiB):
+            block = os.urandom(min(64 * MiB, size - start))
             digest.update(block)
             f.write(block)
     return "sha256:" + digest.hexdigest()
@@ -119,8 +114,7 @@ def main() -> None:
         root = Path(tmp)
         path = root / "blob"
         digest = make_file(path, size)
-        registry = Registry(root / "registry").start()
-        try:
+        with Registry(root / "registry") as registry:
             # Warm-up: afterwards every round commits a blob the registry already has.
             asyncio.run(push_with_client(registry, path, digest, "warm/up"))
             for round_ in range(rounds):
@@ -140,8 +134,6 @@ def main() -> None:
                     cpu[name] += sum(after) - sum(before)
                     speeds[name].append(size / seconds / 1e6)
                     print(f"round {round_} {name:8s} {speeds[name][-1]:6.1f} MB/s", flush=True)
-        finally:
-            registry.stop()
     print(f"{size // MiB} MiB x {rounds} rounds, alternating order")
     for name, values in speeds.items():
         print(
