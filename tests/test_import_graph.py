@@ -130,3 +130,36 @@ def test_no_import_circles() -> None:
     assert not found, "modules that import each other in a circle: " + "; ".join(
         " <-> ".join(component) for component in found
     )
+
+
+# Layers that must not reach into each other: (importer, what it must not import).
+FORBIDDEN = (
+    ("importer", "uploader"),  # the pipeline runs without the server (dvcr-importer)
+    ("uploader.client", "uploader.server"),  # the client talks to a server over HTTP only
+    ("uploader.server", "uploader.client"),
+)
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def crossings(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """The imports that go against FORBIDDEN."""
+    return [
+        (module, target)
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        for upper, lower in FORBIDDEN
+        if _within(module, upper) and _within(target, lower)
+    ]
+
+
+def test_layers_import_only_downwards() -> None:
+    found = crossings(import_graph(project_modules()))
+    assert not found, "; ".join(f"{module} imports {target}" for module, target in found)
+
+
+def test_a_crossing_would_be_found() -> None:
+    graph = {"uploader.client.x": {"uploader.server.y"}, "uploader.cli": {"uploader.server.y"}}
+    assert crossings(graph) == [("uploader.client.x", "uploader.server.y")]

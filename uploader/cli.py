@@ -11,10 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from uploader.client import printers
-from uploader.client.api_client import ApiClient, ClientError
-from uploader.client.applyinput import ManifestError, load_documents
-from uploader.client.argtypes import (
+from uploader.argtypes import (
     cidr,
     existing_file,
     host_port,
@@ -22,6 +19,9 @@ from uploader.client.argtypes import (
     parse_size,
     positive_int,
 )
+from uploader.client import printers
+from uploader.client.api_client import ApiClient, ClientError
+from uploader.client.applyinput import ManifestError, load_documents
 from uploader.client.credentials import Credentials, CredentialsError, resolve_credentials
 from uploader.resources import KINDS, Kind, kind_for_word
 from uploader.server.config import DEFAULT_LISTEN, ServerConfig
