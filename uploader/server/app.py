@@ -22,7 +22,7 @@ from importer import lanethreads
 from importer.metrics import CONTENT_TYPE_LATEST, Metrics
 from uploader.errors import error_middleware
 from uploader.quoting import cut
-from uploader.server import control_api, upload_api
+from uploader.server import cdi_api, control_api, upload_api, web_page
 from uploader.server.access import AccessConfigError, AccessControl
 from uploader.server.access_check import ACCESS, access_middleware
 from uploader.server.config import ServerConfig, split_host_port
@@ -119,7 +119,9 @@ def build_apps(config: ServerConfig, access: AccessControl) -> ServerApps:
     uploads[upload_api.UPLOADS] = images.uploads
     serving_api.router.add_get("/metrics", metrics_handler)
     control_api.add_routes(serving_api)
+    web_page.add_routes(serving_api)
     upload_api.add_routes(uploads)
+    cdi_api.add_routes(uploads)
 
     async def stop_transfers(app: web.Application) -> None:
         # Before aiohttp waits for open requests: watches and uploads end now, not later.
