@@ -19,11 +19,12 @@ from uploader.argtypes import (
     parse_size,
     positive_int,
 )
-from uploader.client import printers
+from uploader.client import apply_command, delete_command, get_command, printers, wait_command
 from uploader.client.api_client import ApiClient, ClientError
-from uploader.client.applyinput import ManifestError, load_documents
+from uploader.client.applyinput import ManifestError
 from uploader.client.credentials import Credentials, CredentialsError, resolve_credentials
-from uploader.resources import KINDS, Kind, kind_for_word
+from uploader.client.targets import parse_targets
+from uploader.client.upload_create import DEFAULT_STORAGE, STORAGES
 from uploader.server.config import DEFAULT_LISTEN, ServerConfig
 
 __all__ = ["build_parser", "main", "parse_duration", "parse_size"]
@@ -55,8 +56,8 @@ def _client_flags(parser: argparse.ArgumentParser, suppress: bool) -> None:
     parser.add_argument(
         "-n",
         "--namespace",
-        default=default("default"),
-        help="namespace (default: default)",
+        default=default(None),
+        help="namespace (default: default; a manifest's own namespace for -f)",
     )
     parser.add_argument(
         "--token",
@@ -226,27 +227,94 @@ def _serve_flags(serve: argparse.ArgumentParser) -> None:
     )
 
 
+UPLOAD_USAGE = """dvcr-uploader upload FILE --create NAME [--storage STORAGE] [--cluster] \
+[-n NAMESPACE] [--no-wait]
+       dvcr-uploader upload FILE URL|vi/NAME [-q] [--retries N] [--retry-wait SECONDS]"""
+
+UPLOAD_DESCRIPTION = """\
+Upload FILE into an image in one command: `upload FILE --create NAME` creates the \
+VirtualImage NAME (a ClusterVirtualImage with --cluster) when it is missing, or uses the \
+one of that name that waits for an upload, sends FILE with resume, compares its sha256 \
+with the image's, waits until the image is Ready and prints it as `get` does. \
+`upload FILE vi/NAME` or `upload FILE URL` sends FILE to an image that exists."""
+
+
+def _selector_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-l",
+        "--selector",
+        help="label selector: key=value, key!=value, key, !key, key in (a,b); "
+        "comma-separated, all must hold",
+    )
+
+
 def _client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     apply = commands.add_parser("apply", help="create or update images", parents=[common])
     apply.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
 
-    get = commands.add_parser("get", help="list images or show one", parents=[common])
-    get.add_argument("resource", help="vi | cvi")
-    get.add_argument("name", nargs="?", help="one image (default: all in the namespace)")
+    create = commands.add_parser("create", help="create images", parents=[common])
+    create.add_argument("-f", "--filename", required=True, help="manifest file, or - for stdin")
+
+    get = commands.add_parser("get", help="list images or show some", parents=[common])
+    get.add_argument("resource", help="vi | cvi | vi,cvi | vi/NAME")
+    get.add_argument("names", nargs="*", help="images (default: all in the namespace)")
     get.add_argument("-w", "--watch", action="store_true", help="stream rows as they change")
-    get.add_argument("-o", "--output", help="wide | json | yaml | name | jsonpath=TEMPLATE")
+    get.add_argument(
+        "-o",
+        "--output",
+        help="wide | json | yaml | name | jsonpath=TEMPLATE | custom-columns=HEADER:PATH,...",
+    )
+    get.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="the images of every namespace"
+    )
+    _selector_flag(get)
+    get.add_argument("--show-labels", action="store_true", help="a LABELS column, last")
 
-    describe = commands.add_parser("describe", help="show an image in detail", parents=[common])
-    describe.add_argument("resource", help="vi | cvi")
-    describe.add_argument("name", help="the image")
+    describe = commands.add_parser("describe", help="show images in detail", parents=[common])
+    describe.add_argument("resource", help="vi | cvi | vi/NAME")
+    describe.add_argument("names", nargs="*", help="the images (default: all in the namespace)")
 
-    delete = commands.add_parser("delete", help="delete an image", parents=[common])
-    delete.add_argument("resource", help="vi | cvi")
-    delete.add_argument("name", help="the image")
+    delete = commands.add_parser("delete", help="delete images", parents=[common])
+    delete.add_argument("resource", nargs="?", help="vi | cvi | vi/NAME")
+    delete.add_argument("names", nargs="*", help="the images")
+    delete.add_argument(
+        "-f", "--filename", help="delete the images of these manifests (- for stdin)"
+    )
+    delete.add_argument(
+        "--all", action="store_true", help="every image of the kind in the namespace"
+    )
+    _selector_flag(delete)
+    delete.add_argument(
+        "--ignore-not-found", action="store_true", help="an image that is not there is no error"
+    )
+
+    wait = commands.add_parser(
+        "wait",
+        help="wait until images get to a state",
+        parents=[common],
+        epilog="exit codes: 0 every image got there; 1 the timeout passed first, or an image "
+        "is not there",
+    )
+    wait.add_argument("resources", nargs="+", metavar="vi/NAME", help="the images")
+    wait.add_argument(
+        "--for",
+        dest="condition",
+        metavar="CONDITION",
+        help="delete | condition=Ready | jsonpath='{.status.phase}'=Ready",
+    )
+    wait.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=30.0,
+        metavar="DURATION",
+        help="how long to wait for all of them (default 30s)",
+    )
 
     upload = commands.add_parser(
         "upload",
-        help="upload a file to an image and check the image's sha256 against it",
+        help="upload a file to an image (--create NAME: a new one) and check its sha256",
+        usage=UPLOAD_USAGE,
+        description=UPLOAD_DESCRIPTION,
         parents=[common],
         epilog="exit codes: 0 the image holds the file (uploaded now or before); 1 refused, "
         "failed, or the image holds another file; 3 the connection failed (run it again to "
@@ -254,7 +322,29 @@ def _client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     upload.add_argument("file", help="image file, or - for stdin")
     upload.add_argument(
-        "url", metavar="URL|vi/NAME", help="the image's upload URL, or the image by name"
+        "url",
+        nargs="?",
+        metavar="URL|vi/NAME",
+        help="the image's upload URL, or the image by name (not with --create)",
+    )
+    upload.add_argument(
+        "--create",
+        metavar="NAME",
+        type=_image_name,
+        help="the image to upload to, created when it is missing",
+    )
+    upload.add_argument(
+        "--storage",
+        choices=STORAGES,
+        help=f"where --create puts the image (default {DEFAULT_STORAGE})",
+    )
+    upload.add_argument(
+        "--cluster", action="store_true", help="--create makes a ClusterVirtualImage"
+    )
+    upload.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="with --create: do not wait for the image to be Ready once the file is sent",
     )
     upload.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     upload.add_argument(
@@ -282,11 +372,20 @@ def _client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     )
 
 
-def _kind(word: str) -> Kind:
-    kind = kind_for_word(word)
-    if kind is None:
-        raise ClientError(f'the server doesn\'t have a resource type "{word}"', reason="BadRequest")
-    return kind
+def _image_name(text: str) -> str:
+    if not text or "/" in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an image name")
+    return text
+
+
+def _check_upload_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The combinations of upload's flags that mean nothing, as usage errors."""
+    if args.create is not None and args.url is not None:
+        parser.error(f"upload: give --create NAME or {args.url}, not both")
+    if args.create is None and args.url is None:
+        parser.error("upload: give the image: --create NAME, vi/NAME or its upload URL")
+    if args.create is None and (args.storage is not None or args.cluster):
+        parser.error("upload: --storage and --cluster go with --create NAME")
 
 
 # -- commands ---------------------------------------------------------------------------
@@ -349,162 +448,46 @@ def _client(args: argparse.Namespace) -> ApiClient:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    docs = load_documents(args.filename)
-    client = _client(args)
-    failed = False
-    for doc in docs:
-        kind_name = doc.get("kind")
-        kind = KINDS.get(kind_name) if isinstance(kind_name, str) else None
-        if kind is None:
-            print(
-                f'error: no matches for kind "{kind_name}" in version '
-                f'"{doc.get("apiVersion")}"; this server has {", ".join(KINDS)}',
-                file=sys.stderr,
-            )
-            failed = True
-            continue
-        raw_metadata = doc.get("metadata")
-        metadata: dict[str, Any] = raw_metadata if isinstance(raw_metadata, dict) else {}
-        name = metadata.get("name")
-        namespace = metadata.get("namespace") or args.namespace
-        if not isinstance(namespace, str):
-            print(f"error: metadata.namespace of {name} is not a string", file=sys.stderr)
-            failed = True
-            continue
-        try:
-            if not isinstance(name, str) or not name:
-                created = client.create(kind, namespace, doc)  # the server says what is wrong
-                print(f"{kind.display}/{created['metadata']['name']} created")
-                continue
-            try:
-                current = client.get(kind, namespace, name)
-            except ClientError as exc:
-                if exc.code != 404:
-                    raise
-                client.create(kind, namespace, doc)
-                action = "created"
-            else:
-                same = current.get("spec") == _with_defaults(doc.get("spec"))
-                if same and all(
-                    current["metadata"].get(k) == metadata.get(k)
-                    for k in ("labels", "annotations")
-                    if k in metadata
-                ):
-                    action = "unchanged"
-                else:
-                    client.replace(kind, namespace, name, doc)
-                    action = "configured"
-        except ClientError as exc:
-            _print_error(exc)
-            failed = True
-            continue
-        print(f"{kind.display}/{name} {action}")
-    return 1 if failed else 0
+    return apply_command.run(args, _client(args), create_only=False)
 
 
-def _with_defaults(spec: Any) -> Any:
-    if isinstance(spec, dict) and "storage" not in spec:
-        return {**spec, "storage": "ContainerRegistry"}
-    return spec
-
-
-def _print_objects(objects: list[dict[str, Any]], output: str | None, listing: bool) -> None:
-    if output in ("json", "yaml"):
-        data: Any = (
-            objects[0]
-            if not listing
-            else {
-                "apiVersion": "v1",
-                "kind": "List",
-                "items": objects,
-            }
-        )
-        print(printers.to_json(data) if output == "json" else printers.to_yaml(data), end="")
-        if output == "json":
-            print()
-    elif output and output.startswith("jsonpath="):
-        data = objects[0] if not listing else {"kind": "List", "items": objects}
-        # As kubectl: no newline of its own; templates add {"\n"} where they want one.
-        sys.stdout.write(printers.jsonpath(output.removeprefix("jsonpath="), data))
-    elif output == "name":
-        for obj in objects:
-            print(
-                f"{obj['kind'].lower()}.{obj['apiVersion'].split('/')[0]}/{obj['metadata']['name']}"
-            )
-    else:
-        wide = output == "wide"
-        header = printers.WIDE_COLUMNS if wide else printers.COLUMNS
-        print(printers.table([printers.row(o, wide) for o in objects], header))
+def cmd_create(args: argparse.Namespace) -> int:
+    return apply_command.run(args, _client(args), create_only=True)
 
 
 def cmd_get(args: argparse.Namespace) -> int:
-    kind = _kind(args.resource)
-    client = _client(args)
-    if (
-        args.output
-        and args.output not in ("wide", "json", "yaml", "name")
-        and not (args.output.startswith("jsonpath="))
-    ):
-        raise ClientError(
-            f'unable to match a printer suitable for the output format "{args.output}"'
-        )
-    if args.watch:
-        return _watch(client, kind, args)
-    if args.name:
-        objects = [client.get(kind, args.namespace, args.name)]
-    else:
-        objects = client.list(kind, args.namespace)["items"]
-        if not objects:
-            where = f" in {args.namespace} namespace" if kind.namespaced else ""
-            print(f"No resources found{where}.", file=sys.stderr)
-            return 0
-    _print_objects(objects, args.output, listing=not args.name)
-    return 0
-
-
-def _watch(client: ApiClient, kind: Kind, args: argparse.Namespace) -> int:
-    if args.name:
-        client.get(kind, args.namespace, args.name)  # NotFound before watching, as kubectl
-    wide = args.output == "wide"
-    table_output = args.output in (None, "wide")
-    header = printers.WIDE_COLUMNS if wide else printers.COLUMNS
-    widths: list[int] | None = None
-    shown: dict[str, list[str]] = {}
-    try:
-        for event in client.watch(kind, args.namespace, args.name):
-            obj = event["object"]
-            if not table_output:
-                _print_objects([obj], args.output, listing=False)
-                sys.stdout.flush()
-                continue
-            cells = printers.row(obj, wide)
-            name = obj["metadata"]["name"]
-            if shown.get(name, [])[:4] == cells[:4] and event["type"] != "DELETED":
-                continue
-            shown[name] = cells
-            if widths is None:
-                # Rows come one at a time, so columns get room for their longest values.
-                widths = [len(h) + 3 for h in header]
-                widths[:4] = [max(len(name), 4) + 3, len("WaitForUserUpload") + 3, 8, 11]
-                print("".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-            print("".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
-            sys.stdout.flush()
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    return get_command.run(args, _client(args))
 
 
 def cmd_describe(args: argparse.Namespace) -> int:
-    kind = _kind(args.resource)
-    print(printers.describe(_client(args).get(kind, args.namespace, args.name)))
-    return 0
+    client = _client(args)
+    failed = False
+    shown = 0
+    for target in parse_targets([args.resource, *args.names]):
+        try:
+            if target.name is not None:
+                images = [client.get(target.kind, args.namespace, target.name)]
+            else:
+                images = client.list(target.kind, args.namespace)["items"]
+            for image in images:
+                name = image["metadata"]["name"]
+                events = client.events(target.kind, args.namespace, name)["items"]
+                print(("\n\n" if shown else "") + printers.describe(image, events))
+                shown += 1
+        except ClientError as exc:
+            if not exc.per_object:
+                raise
+            _print_error(exc)
+            failed = True
+    return 1 if failed else 0
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    kind = _kind(args.resource)
-    _client(args).delete(kind, args.namespace, args.name)
-    print(f'{kind.display} "{args.name}" deleted')
-    return 0
+    return delete_command.run(args, _client(args))
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return wait_command.run(args, _client(args))
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
@@ -516,6 +499,8 @@ def cmd_upload(args: argparse.Namespace) -> int:
 COMMANDS = {
     "serve": cmd_serve,
     "apply": cmd_apply,
+    "create": cmd_create,
+    "wait": cmd_wait,
     "get": cmd_get,
     "describe": cmd_describe,
     "delete": cmd_delete,
@@ -524,14 +509,17 @@ COMMANDS = {
 
 
 def _print_error(exc: ClientError) -> None:
-    if exc.code and exc.code != 401:  # kubectl says a 401 as an error of its own
-        print(f"Error from server ({exc.reason or exc.code}): {exc.message}", file=sys.stderr)
-    else:
-        print(f"error: {exc.message}", file=sys.stderr)
+    print(exc.shown(), file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "serve":
+        args.namespace_given = args.namespace is not None
+        args.namespace = args.namespace or "default"
+    if args.command == "upload":
+        _check_upload_args(parser, args)
     try:
         return COMMANDS[args.command](args)
     except ClientError as exc:

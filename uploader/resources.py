@@ -60,6 +60,9 @@ _DNS1123_SUBDOMAIN = re.compile(
 )
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+MAX_LABEL_LENGTH = 63
+MAX_LABEL_PREFIX_LENGTH = 253
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,50 @@ def validate_namespace(namespace: Any, field: str = "metadata.namespace") -> str
             "an alphanumeric character"
         )
     return text
+
+
+def label_key_problem(key: str) -> str | None:
+    """What is wrong with a label or annotation key, as Kubernetes says it; None if nothing.
+    A key is `[prefix/]name`: the prefix a DNS-1123 subdomain, the name at most 63
+    characters of alphanumerics, '-', '_' and '.', beginning and ending alphanumeric."""
+    prefix, slash, name = key.rpartition("/")
+    if slash:
+        if not prefix:
+            return "prefix part must be non-empty"
+        if len(prefix) > MAX_LABEL_PREFIX_LENGTH:
+            return f"prefix part must be no more than {MAX_LABEL_PREFIX_LENGTH} characters"
+        if not _DNS1123_SUBDOMAIN.match(prefix):
+            return (
+                "prefix part a lowercase RFC 1123 subdomain must consist of lower case "
+                "alphanumeric characters, '-' or '.', and must start and end with an "
+                "alphanumeric character (e.g. 'example.com')"
+            )
+    if not name:
+        return "name part must be non-empty"
+    if len(name) > MAX_LABEL_LENGTH:
+        return f"name part must be no more than {MAX_LABEL_LENGTH} characters"
+    if not _LABEL_NAME.match(name):
+        return (
+            "name part must consist of alphanumeric characters, '-', '_' or '.', and must "
+            "start and end with an alphanumeric character (e.g. 'MyName', or 'my.name', or "
+            f"'123-abc', regex used for validation is '{_LABEL_NAME.pattern[1:-1]}')"
+        )
+    return None
+
+
+def label_value_problem(value: str) -> str | None:
+    """What is wrong with a label value, as Kubernetes says it; None if nothing (an empty
+    value is valid)."""
+    if len(value) > MAX_LABEL_LENGTH:
+        return f"must be no more than {MAX_LABEL_LENGTH} characters"
+    if value and not _LABEL_NAME.match(value):
+        return (
+            "a valid label must be an empty string or consist of alphanumeric characters, "
+            "'-', '_' or '.', and must start and end with an alphanumeric character (e.g. "
+            "'MyValue', or 'my_value', or '12345', regex used for validation is "
+            f"'{_LABEL_NAME.pattern[1:-1]}')"
+        )
+    return None
 
 
 def source_namespace(
@@ -315,6 +362,16 @@ def validate_manifest(doc: Any, kind: Kind, namespace: str | None) -> dict[str, 
                     raise Invalid(
                         f"metadata.{key}.{cut(str(item_key))}: Invalid value: {quoted(item)}: "
                         "keys and values must be strings"
+                    )
+                problem = label_key_problem(item_key)
+                if problem is None and key == "labels":
+                    problem = label_value_problem(item)
+                    shown_value = item
+                else:
+                    shown_value = item_key
+                if problem is not None:
+                    raise Invalid(
+                        f"metadata.{key}: Invalid value: {quoted(shown_value)}: {problem}"
                     )
             meta[key] = dict(value)
 

@@ -36,6 +36,18 @@ class ClientError(Exception):
         self.code = code
         self.reason = reason
 
+    def shown(self) -> str:
+        """The line kubectl prints for it: `Error from server (Reason): ...` for an error
+        Status, `error: ...` for the rest (a 401 included, said in words of its own)."""
+        if self.code and self.code != 401:
+            return f"Error from server ({self.reason or self.code}): {self.message}"
+        return f"error: {self.message}"
+
+    @property
+    def per_object(self) -> bool:
+        """Whether it concerns one object only, so that a command goes on with the next."""
+        return bool(self.code) and self.code != 401
+
 
 class Watch:
     """An open watch: the events the server sends, in order, until it closes the stream."""
@@ -83,9 +95,11 @@ class ApiClient:
         self.timeout = timeout
         self._ssl = self.credentials.ssl_context() if server.startswith("https://") else None
 
-    def path(self, kind: Kind, namespace: str, name: str | None = None) -> str:
+    def path(self, kind: Kind, namespace: str | None, name: str | None = None) -> str:
+        """The path of an image, or of the list; a namespaced kind's list of every
+        namespace when `namespace` is None."""
         base = f"/apis/{GROUP}/{VERSION}"
-        if kind.namespaced:
+        if kind.namespaced and namespace is not None:
             base += f"/namespaces/{_segment(namespace)}/{kind.plural}"
         else:
             base += f"/{kind.plural}"
@@ -139,8 +153,14 @@ class ApiClient:
     def get(self, kind: Kind, namespace: str, name: str) -> Object:
         return self.request("GET", self.path(kind, namespace, name))
 
-    def list(self, kind: Kind, namespace: str) -> Object:
-        return self.request("GET", self.path(kind, namespace))
+    def list(self, kind: Kind, namespace: str | None, label_selector: str | None = None) -> Object:
+        """The images of `namespace` (None: of every namespace) that `label_selector`
+        (kubectl's syntax) selects."""
+        return self.request("GET", self.path(kind, namespace) + _query(label_selector))
+
+    def events(self, kind: Kind, namespace: str | None, name: str) -> Object:
+        """The image's recent events, a v1 EventList, oldest first."""
+        return self.request("GET", self.path(kind, namespace, name) + "/events")
 
     def create(self, kind: Kind, namespace: str, obj: Object) -> Object:
         return self.request("POST", self.path(kind, namespace), obj)
@@ -152,22 +172,35 @@ class ApiClient:
         return self.request("DELETE", self.path(kind, namespace, name))
 
     def open_watch(
-        self, kind: Kind, namespace: str, name: str | None = None, timeout: float | None = None
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str | None = None,
+        timeout: float | None = None,
+        label_selector: str | None = None,
     ) -> Watch:
         """A watch that is open when this returns, so that no later change is missed; events
         come from iterating it. `timeout`: the most seconds to wait for the next event."""
         path = self.path(kind, namespace) + "?watch=true"
         if name:
             path += f"&fieldSelector=metadata.name%3D{_segment(name)}"
+        if label_selector:
+            path += f"&labelSelector={_segment(label_selector)}"
         try:
             return Watch(self._open("GET", path, timeout=timeout), self._unreachable)
         except urllib.error.HTTPError as exc:
             with exc:
                 raise self._status_error(exc) from None
 
-    def watch(self, kind: Kind, namespace: str, name: str | None = None) -> Iterator[Object]:
+    def watch(
+        self,
+        kind: Kind,
+        namespace: str | None,
+        name: str | None = None,
+        label_selector: str | None = None,
+    ) -> Iterator[Object]:
         """Events as the server sends them, until it closes the stream."""
-        with self.open_watch(kind, namespace, name) as events:
+        with self.open_watch(kind, namespace, name, label_selector=label_selector) as events:
             yield from events
 
     def wait_for(
@@ -280,6 +313,10 @@ def _upload_urls(obj: Object) -> dict[str, Any]:
     status = obj.get("status")
     urls = status.get("imageUploadURLs") if isinstance(status, dict) else None
     return urls if isinstance(urls, dict) else {}
+
+
+def _query(label_selector: str | None) -> str:
+    return f"?labelSelector={_segment(label_selector)}" if label_selector else ""
 
 
 def _segment(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Output of `get` and `describe`: kubectl's table, ages, JSON, YAML and JSONPath."""
+"""Output of `get` and `describe`: kubectl's table, ages, labels, custom columns, JSON,
+YAML, JSONPath and events."""
 
 from __future__ import annotations
 
@@ -47,11 +48,55 @@ def human_duration(seconds: float) -> str:
 
 
 def age(obj: Object, now: datetime | None = None) -> str:
-    created = obj.get("metadata", {}).get("creationTimestamp")
-    if not created:
+    return since(obj.get("metadata", {}).get("creationTimestamp"), now)
+
+
+def since(timestamp: str | None, now: datetime | None = None) -> str:
+    """How long ago an RFC 3339 time was, as kubectl says it; <unknown> without one."""
+    if not timestamp:
         return "<unknown>"
-    then = datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    then = datetime.strptime(timestamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     return human_duration(((now or datetime.now(UTC)) - then).total_seconds())
+
+
+def labels_cell(obj: Object) -> str:
+    """The LABELS column of --show-labels: k=v pairs by key, or <none>."""
+    labels = obj.get("metadata", {}).get("labels") or {}
+    return ",".join(f"{k}={labels[k]}" for k in sorted(labels)) or "<none>"
+
+
+class CustomColumnsError(ValueError):
+    pass
+
+
+def custom_columns(spec: str) -> list[tuple[str, list[str | int]]]:
+    """`NAME:.metadata.name,PHASE:{.status.phase}` as (header, JSONPath steps) pairs."""
+    if not spec:
+        raise CustomColumnsError("custom-columns format specified but no custom columns given")
+    columns: list[tuple[str, list[str | int]]] = []
+    for part in spec.split(","):
+        header, colon, path = part.partition(":")
+        if not colon or not header or not path:
+            raise CustomColumnsError(
+                f"unexpected custom-columns spec: {part}, expected <header>:<json-path-expr>"
+            )
+        path = path.strip()
+        if path.startswith("{") and path.endswith("}"):
+            path = path[1:-1]
+        try:
+            columns.append((header, _steps(path)))
+        except JsonPathError as exc:
+            raise CustomColumnsError(f"{part}: {exc}") from None
+    return columns
+
+
+def custom_row(obj: Object, columns: list[tuple[str, list[str | int]]]) -> list[str]:
+    """One row: each column's values joined by commas, <none> where there is none."""
+    cells = []
+    for _, steps in columns:
+        values = [v for v in _select([obj], steps) if v is not None]
+        cells.append(",".join(_format(v) for v in values) or "<none>")
+    return cells
 
 
 def row(obj: Object, wide: bool = False) -> list[str]:
@@ -215,8 +260,8 @@ def jsonpath(template: str, data: Any) -> str:
     return rendered
 
 
-def describe(obj: Object) -> str:
-    """A human view in kubectl's describe style."""
+def describe(obj: Object, events: list[Object] | None = None) -> str:
+    """A human view in kubectl's describe style; `events` (v1 Events) at the end."""
     meta = obj.get("metadata", {})
     status = obj.get("status", {})
     lines = [
@@ -256,7 +301,36 @@ def describe(obj: Object) -> str:
                 4,
             )
         )
+    lines.append(describe_events(events or []))
     return "\n".join(line for line in lines if line != "")
+
+
+def describe_events(events: list[Object], now: datetime | None = None) -> str:
+    """kubectl describe's Events section: Type, Reason, Age, From, Message, oldest first."""
+    if not events:
+        return "Events:  <none>"
+    rows = []
+    for event in sorted(events, key=lambda e: str(e.get("lastTimestamp") or "")):
+        last = since(event.get("lastTimestamp"), now)
+        count = event.get("count") or 1
+        shown = f"{last} (x{count} over {since(event.get('firstTimestamp'), now)})"
+        rows.append(
+            [
+                str(event.get("type", "")),
+                str(event.get("reason", "")),
+                shown if count > 1 else last,
+                str((event.get("source") or {}).get("component", "")),
+                str(event.get("message", "")),
+            ]
+        )
+    header = ["Type", "Reason", "Age", "From", "Message"]
+    lines = [header, ["----", "------", "----", "----", "-------"], *rows]  # kubectl's rule
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join(
+        "  " + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+    return "Events:\n" + text
 
 
 def _pairs(mapping: dict[str, str] | None) -> str:

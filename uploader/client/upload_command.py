@@ -1,5 +1,9 @@
-"""`dvcr-uploader upload FILE URL|vi/NAME`: where the file goes, sending it, and checking
-that the image the server made holds the file.
+"""`dvcr-uploader upload FILE URL|vi/NAME` and `upload FILE --create NAME`: where the file
+goes, sending it, and checking that the image the server made holds the file.
+
+`--create NAME` makes the image first, or reuses one that waits for an upload
+(uploader/client/upload_create.py), sends the file to `vi/NAME`, waits until the image is
+Ready (not with `--no-wait`) and prints its row as `get` does.
 
 `vi/NAME` (any word of a kind, `cvi/NAME` too) is looked up through the API, with the
 token: a Ready image is not sent anything, a Failed one says why, and any other takes the
@@ -21,6 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from uploader.client import printers
 from uploader.client.api_client import ApiClient, ClientError
 from uploader.client.credentials import Credentials
 from uploader.client.filehash import FileHasher, StreamHasher
@@ -31,10 +36,12 @@ from uploader.client.resumable_upload import (
     UploadResult,
     upload,
 )
+from uploader.client.upload_create import ensure_image
 from uploader.resources import Kind, kind_for_word
 
 URL_WAIT = 30.0  # a new image gets its upload URL within this
 URL_POLL = 0.5
+READY_POLL = 0.2
 
 
 @dataclass
@@ -48,6 +55,9 @@ class Target:
 def run(args: Any, credentials: Credentials) -> int:
     """The command; prints its result and returns the exit code."""
     try:
+        if args.create:
+            what = "standard input" if args.file == "-" else args.file
+            args.url = ensure_image(_api(args, credentials), args, what)
         target = _resolve(args, credentials)
         if target.url is None:
             result = asyncio.run(_hash_only(args.file, target))
@@ -64,11 +74,38 @@ def run(args: Any, credentials: Credentials) -> int:
             )
         expected = _expected_sha256(result, target, args, credentials)
         _check(result, expected, target, args)
+        if args.create:
+            _show_final(args, credentials, target)
+            return EXIT_OK
     except UploadFailed as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return exc.exit_code
     print(json.dumps(result.answer))
     return EXIT_OK
+
+
+def _api(args: Any, credentials: Credentials) -> ApiClient:
+    try:
+        return ApiClient(args.server, credentials)
+    except ClientError as exc:
+        raise UploadFailed(exc.message, EXIT_REFUSED) from None
+
+
+def _show_final(args: Any, credentials: Credentials, target: Target) -> None:
+    """Prints the image's row once it is Ready (at once with --no-wait); UploadFailed when
+    it Failed instead."""
+    assert target.kind is not None
+    client = _api(args, credentials)
+    while True:
+        image = _api_get(client, target.kind, args.namespace, args.create)
+        phase = (image.get("status") or {}).get("phase")
+        if args.no_wait or phase in ("Ready", "Failed"):
+            break
+        time.sleep(READY_POLL)
+    print(printers.table([printers.row(image)], printers.COLUMNS))
+    if phase == "Failed":
+        reason, message = _failure(image.get("status") or {})
+        raise UploadFailed(f"{target.label} failed ({reason}): {message}", EXIT_REFUSED)
 
 
 def _tls(url: str, credentials: Credentials) -> Any:
@@ -86,7 +123,7 @@ def _resolve(args: Any, credentials: Credentials) -> Target:
             f"{where!r} is neither an upload URL (http:// or https://) nor vi/NAME", EXIT_REFUSED
         )
     label = f"{kind.short}/{name}"
-    client = ApiClient(args.server, credentials)
+    client = _api(args, credentials)
     deadline = time.monotonic() + URL_WAIT
     while True:
         image = _api_get(client, kind, args.namespace, name)

@@ -48,6 +48,17 @@ def require(request: web.Request, verb: Verb, namespace: str | None, what: str) 
     )
 
 
+def require_every_namespace(request: web.Request, what: str) -> None:
+    """Raises 403 unless the caller reaches every namespace: a list across namespaces."""
+    token: ApiToken | None = request.get(_CALLER)
+    if token is None or token.cluster_wide:
+        return
+    raise Forbidden(
+        f'user "{token.user}" may not list {what} across all namespaces: that needs a token '
+        'with namespaces: "*"'
+    )
+
+
 def _check_path(request: web.Request, token: ApiToken) -> None:
     verb = Verb.READ if request.method in _READS else Verb.WRITE
     if request.path == "/metrics":

@@ -1,4 +1,9 @@
-"""The control API: Kubernetes-shaped paths for VirtualImage and ClusterVirtualImage."""
+"""The control API: Kubernetes-shaped paths for VirtualImage and ClusterVirtualImage.
+
+Lists and watches take `?labelSelector=` (uploader/server/label_selector.py); VirtualImages
+of every namespace are listed at `.../virtualimages`, as in Kubernetes; an image's events
+are a v1 EventList at `.../{name}/events`.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ from uploader.resources import (
     validate_namespace,
 )
 from uploader.server.access import Verb
-from uploader.server.access_check import require
+from uploader.server.access_check import require, require_every_namespace
+from uploader.server.image_db import Event, Object
+from uploader.server.label_selector import LabelSelector, parse_label_selector
 from uploader.server.lifecycle import ImageLifecycle
 from uploader.server.manifests import parse_manifest
 
@@ -90,10 +97,17 @@ class ResourceHandlers:
 
     async def collection(self, request: web.Request) -> web.StreamResponse:
         images, namespace = self._where(request)
+        if self.kind.namespaced and namespace is None:
+            require_every_namespace(request, f"{self.kind.plural}.{GROUP}")
+        selector = parse_label_selector(request.query.get("labelSelector"))
         if _truthy(request.query.get("watch")):
             name = _name_from_selector(request.query.get("fieldSelector"))
-            return await self._watch(request, namespace, name)
-        items = images.list(self.kind, namespace)
+            return await self._watch(request, namespace, name, selector)
+        items = [
+            obj
+            for obj in images.list(self.kind, namespace)
+            if selector.matches(obj["metadata"].get("labels"))
+        ]
         return _json(
             {
                 "apiVersion": API_VERSION,
@@ -114,8 +128,14 @@ class ResourceHandlers:
         images, namespace = self._where(request)
         name = self._name(request)
         if _truthy(request.query.get("watch")):
-            return await self._watch(request, namespace, name)
+            return await self._watch(request, namespace, name, LabelSelector())
         return _json(images.get(self.kind, namespace, name))
+
+    async def events(self, request: web.Request) -> web.Response:
+        """The image's recent events, a v1 EventList, oldest first."""
+        images, namespace = self._where(request)
+        image = images.get(self.kind, namespace, self._name(request))
+        return _json(images.store.events.event_list(image))
 
     async def replace(self, request: web.Request) -> web.Response:
         images, namespace = self._where(request)
@@ -129,21 +149,44 @@ class ResourceHandlers:
         return _json(await images.delete(self.kind, namespace, self._name(request)))
 
     async def _watch(
-        self, request: web.Request, namespace: str | None, name: str | None
+        self,
+        request: web.Request,
+        namespace: str | None,
+        name: str | None,
+        selector: LabelSelector,
     ) -> web.StreamResponse:
         images = request.app[IMAGES]
         response = web.StreamResponse(headers={"Content-Type": "application/json"})
         response.enable_chunked_encoding()
         await response.prepare(request)
         events = images.watch(self.kind, namespace, name)
+        matching: set[tuple[str, str]] = set()
         try:
             async for event in events:
-                await response.write(event.to_json().encode() + b"\n")
+                shown = _selected(event, selector, matching)
+                if shown is not None:
+                    await response.write(shown.to_json().encode() + b"\n")
         except ConnectionError:
             pass
         finally:
             await events.aclose()
         return response
+
+
+def _selected(
+    event: Event, selector: LabelSelector, matching: set[tuple[str, str]]
+) -> Event | None:
+    """The event a watch with `selector` sends: an image whose labels stop matching is
+    DELETED for it, as in Kubernetes; `matching` holds the images it has seen match."""
+    meta: Object = event.object["metadata"]
+    key = (str(meta.get("namespace", "")), str(meta["name"]))
+    if event.type != "DELETED" and selector.matches(meta.get("labels")):
+        matching.add(key)
+        return event
+    if key in matching:
+        matching.discard(key)
+        return Event("DELETED", event.object)
+    return None
 
 
 def add_routes(app: web.Application) -> None:
@@ -157,5 +200,8 @@ def add_routes(app: web.Application) -> None:
         app.router.add_get(base, handlers.collection)
         app.router.add_post(base, handlers.create)
         app.router.add_get(base + "/{name}", handlers.item)
+        app.router.add_get(base + "/{name}/events", handlers.events)
         app.router.add_put(base + "/{name}", handlers.replace)
         app.router.add_delete(base + "/{name}", handlers.delete)
+        if kind.namespaced:  # every namespace's images, as Kubernetes lists them
+            app.router.add_get(f"{PREFIX}/{kind.plural}", handlers.collection)

@@ -1,5 +1,6 @@
 """Durable state of the images: SQLite in the data directory, mirrored in memory, with
-watchers that get every change."""
+watchers that get every change, and each image's recent events (uploader/server/events.py),
+which every saved change is shown to."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from uploader.errors import InsufficientStorage
+from uploader.server.events import ImageEvents
 from uploader.server.upload_tokens import ImageKey
 
 log = logging.getLogger(__name__)
@@ -108,6 +110,7 @@ class Store:
         row = self._db.execute("SELECT value FROM meta WHERE key='resourceVersion'").fetchone()
         self._version = int(row[0]) if row else 0
         self._watchers: set[_Watcher] = set()
+        self.events = ImageEvents()
 
     def keep_reserve(self) -> None:
         """Makes the reserve again if it is not there (once space was freed)."""
@@ -197,6 +200,7 @@ class Store:
         self._version += 1
         if key not in self._objects:
             self._counts[key[:2]] += 1
+        self.events.observe(key, self._objects.get(key), obj)
         self._objects[key] = obj
         self._notify(Event(event_type, obj))
         return copy.deepcopy(obj)
@@ -259,6 +263,7 @@ class Store:
 
         self._write(remove, essential=True)
         del self._objects[key]
+        self.events.forget(key)
         self._counts[key[:2]] -= 1
         self._notify(Event("DELETED", obj))
         return copy.deepcopy(obj)

@@ -15,6 +15,11 @@ from uploader.server.image_model import FAILED, READY, WAIT_FOR_UPLOAD, Image, s
 from uploader.server.upload_tokens import ImageKey, UploadTokens
 
 log = logging.getLogger(__name__)
+# Ends the message of every Failed image: a Failed image starts over when its spec changes
+# (uploader/server/lifecycle.py), which an unchanged `apply` does not do.
+START_OVER = (
+    "; to start over, apply the image with a changed spec, or delete it and create it again"
+)
 
 
 class ImageStates:
@@ -38,9 +43,13 @@ class ImageStates:
         return Image(self.store.save(image.manifest, durable=durable, essential=essential))
 
     def fail(self, image: Image, error: TransferError) -> None:
-        """Failed, with the error's reason; its upload URL answers 410 from now on."""
+        """Failed, with the error's reason; its upload URL answers 410 from now on. The
+        message says how to start over, and the error carries the same message, so the
+        request that failed answers what the image says."""
         self.tokens.mark_failed(image.upload_token, image.key)
         log.info("image %s failed: %s: %s", shown(image.key), error.reason, error.message)
+        if not error.message.endswith(START_OVER):
+            error.message = f"{error.message.rstrip('. ')}{START_OVER}"
         image.set_phase(FAILED, error.reason, error.message)
 
     def mark_ready(self, image: Image) -> None:

@@ -2,6 +2,12 @@
 
 The token is checked when the request starts, before `100 Continue` is sent, so a
 mistyped URL is refused before a single byte of a big body moves.
+
+Besides PUT (curl), multipart POST (forms) and tus PATCH, the URL answers tus 1.0's
+`creation` and `creation-defer-length`: a POST with `Upload-Length` (or
+`Upload-Defer-Length: 1`) and no body declares the upload's length and answers 201 with
+the URL itself as `Location`, so tus clients given the URL as their endpoint (tus-js-client,
+Uppy, tuspy) create there and then PATCH there.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ import asyncio
 import json
 import re
 from collections.abc import AsyncIterable, AsyncIterator
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -149,6 +156,30 @@ def _header_number(request: web.Request, name: str) -> int | None:
     return None if value is None else _bytes_number(value, name)
 
 
+class _PreconditionFailed(ApiError):
+    code = 412
+    reason = "PreconditionFailed"
+
+
+def _check_tus_version(request: web.Request) -> None:
+    version = request.headers.get("Tus-Resumable")
+    if version is not None and version.strip() != TUS_VERSION:
+        raise _PreconditionFailed(
+            f"this server speaks tus {TUS_VERSION}, not {quoted(version)}",
+            headers={"Tus-Version": TUS_VERSION, "Tus-Resumable": TUS_VERSION},
+        )
+
+
+def _length_deferred(request: web.Request) -> bool:
+    """`Upload-Defer-Length: 1`: the upload's length comes with a later PATCH."""
+    value = request.headers.get("Upload-Defer-Length")
+    if value is None:
+        return False
+    if value.strip() != "1":
+        raise BadRequest(f"Upload-Defer-Length {quoted(value)} is not 1, its only value")
+    return True
+
+
 def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
     """What a request carries: where its bytes go, and the image's length when it says
     (`Upload-Length`, the `Content-Range` total, or else the `Content-Length` of a whole
@@ -160,10 +191,12 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
             raise UnsupportedMediaType(
                 "a tus PATCH needs Content-Type: application/offset+octet-stream"
             )
+        _check_tus_version(request)
         start = _header_number(request, "Upload-Offset")
         if start is None:
             raise BadRequest("a tus PATCH needs Upload-Offset")
         part = UploadPart(body, start, upload_length, False, _wrong_tus_offset, ends_at_total=True)
+        part.deferred = upload_length is None and _length_deferred(request)
     elif content_range is not None:
         match = _CONTENT_RANGE.fullmatch(content_range.strip())
         if match is None:
@@ -183,7 +216,14 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
         length = request.content_length
         if None not in (upload_length, length) and upload_length != length:
             # Without Content-Range or Upload-Offset the body is the whole image (tus's
-            # creation request, which carries none of it, is not supported).
+            # creation request, which carries none of it, is told apart before).
+            tus_part = request.content_type == "application/offset+octet-stream"
+            if request.method == "POST" and tus_part:
+                raise BadRequest(
+                    "tus creation-with-upload is not supported: create the upload with a "
+                    "POST without a body, then PATCH (tus-js-client: leave "
+                    "uploadDataDuringCreation off)"
+                )
             raise BadRequest(
                 f"a request without Content-Range or Upload-Offset carries the whole image: "
                 f"its Content-Length ({length}) must be its Upload-Length ({upload_length})"
@@ -215,9 +255,57 @@ def _admitted_part(
     return part, uploads.admit(token, part)
 
 
+def _is_creation(request: web.Request) -> bool:
+    """A tus creation request: a POST that declares the upload's length (or defers it)
+    and carries no body."""
+    if request.method != "POST" or request.content_type == "multipart/form-data":
+        return False
+    if "Upload-Length" not in request.headers and "Upload-Defer-Length" not in request.headers:
+        return False
+    length = request.content_length
+    return length == 0 or (length is None and not request.body_exists)
+
+
+def _own_url(request: web.Request, image: Image) -> str:
+    """The absolute upload URL the request came to: as the image's status gives it when
+    the request used that host, else as the request names it."""
+    urls = image.status.get("imageUploadURLs", {})
+    for url in urls.values() if isinstance(urls, dict) else ():
+        parts = urlsplit(str(url))
+        if parts.netloc == request.host and parts.path == request.path:
+            return str(url)
+    return str(request.url.with_query(None))
+
+
+async def create(request: web.Request) -> web.Response:
+    """tus creation: records the upload's length (or that it comes later) and answers
+    where to send the bytes, this same URL. Nothing is received: the image stays waiting,
+    and an upload that already took bytes keeps them (the answer's Upload-Offset)."""
+    _check_tus_version(request)
+    length = _header_number(request, "Upload-Length")
+    deferred = _length_deferred(request)
+    if (length is None) == (not deferred):
+        raise BadRequest(
+            "a tus creation request sends Upload-Length or Upload-Defer-Length: 1, not both"
+        )
+    uploads = _uploads(request)
+    image, offset = uploads.create(request.match_info["token"], length)
+    headers = {"Location": _own_url(request, image), **offset_headers(offset)}
+    return web.Response(status=201, headers=headers)
+
+
+async def post(request: web.Request) -> web.StreamResponse:
+    """POST: tus creation (no body), or a part of the image like PUT (multipart forms)."""
+    if _is_creation(request):
+        return await create(request)
+    return await put(request)
+
+
 async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     """Expect handler: refuse a bad token, a busy image or a wrong offset before the body
     is sent."""
+    if _is_creation(request):
+        return None  # no body to hold back; the handler answers
     try:
         _admitted_part(request, _uploads(request))
     except ApiError as exc:
@@ -285,6 +373,8 @@ async def head(request: web.Request) -> web.Response:
     }
     if state.length is not None:
         headers["Upload-Length"] = str(state.length)
+    else:
+        headers["Upload-Defer-Length"] = "1"
     return web.Response(status=200, headers=headers)
 
 
@@ -301,7 +391,7 @@ async def options(request: web.Request) -> web.Response:
             "Tus-Resumable": TUS_VERSION,
             "Tus-Version": TUS_VERSION,
             "Tus-Max-Size": str(_uploads(request).max_image_size),
-            "Tus-Extension": "",
+            "Tus-Extension": "creation,creation-defer-length",
             "Allow": "PUT, POST, PATCH, HEAD, GET, OPTIONS",
         },
     )
@@ -311,7 +401,7 @@ def add_routes(app: web.Application) -> None:
     app.on_response_prepare.append(_close_after_answer)
     path = "/upload/{token}"
     app.router.add_route("PUT", path, put, expect_handler=check_before_body)
-    app.router.add_route("POST", path, put, expect_handler=check_before_body)
+    app.router.add_route("POST", path, post, expect_handler=check_before_body)
     app.router.add_route("PATCH", path, put, expect_handler=check_before_body)
     app.router.add_route("HEAD", path, head)
     app.router.add_route("GET", path, get)

@@ -3,9 +3,10 @@
 An upload is one transfer fed by one request after another (uploader/server/upload_feed.py).
 Each request's part is first *admitted* (before its body is sent: the token, the offset,
 the lengths), then *received* (its body attached to the upload's feed at the offset where
-the last one stopped). `state` is what `HEAD` and `GET` report. Errors are the typed API
-errors of uploader/errors.py; those that tell a client where to continue carry the
-offset, which the HTTP layer (uploader/server/upload_api.py) turns into headers.
+the last one stopped). A tus creation request (`create`) only declares the upload's
+length, or that it comes later. `state` is what `HEAD` and `GET` report. Errors are the
+typed API errors of uploader/errors.py; those that tell a client where to continue carry
+the offset, which the HTTP layer (uploader/server/upload_api.py) turns into headers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from importer.sources.reader import Reader
 from uploader.errors import ApiError, BadRequest, Conflict, Gone, NotFound
 from uploader.server.checkpoints import Checkpoints, SavedUpload
 from uploader.server.config import ServerConfig
-from uploader.server.destinations import Storage
+from uploader.server.destinations import LengthRequired, Storage
 from uploader.server.image_model import FAILED, PROVISIONING, READY, Image
 from uploader.server.image_states import ImageStates
 from uploader.server.transfers import ActiveTransfer, Transfers
@@ -47,6 +48,7 @@ class UploadPart:
     filename: str | None = None
     length: int | None = None  # the length of its body, when the request says it
     ends_at_total: bool = False  # a tus PATCH: the upload ends when its length is reached
+    deferred: bool = False  # the request says the length comes later (Upload-Defer-Length)
 
     def check_fits(self, total: int | None) -> None:
         """Refuses a body that would go past the end of an image of `total` bytes."""
@@ -108,6 +110,9 @@ class UploadSessions:
         self.storage = storage
         self.transfers = transfers
         self.checkpoints = checkpoints
+        # Upload token -> the length a creation request declared; None: it comes later.
+        # Kept in memory until the upload's transfer knows it (a restart forgets it).
+        self._declared: dict[str, int | None] = {}
 
     @property
     def max_image_size(self) -> int:
@@ -154,19 +159,31 @@ class UploadSessions:
         saved = self.checkpoints.kept(key)
         return saved.offset if saved is not None else 0
 
-    def _known_total(self, key: ImageKey) -> int | None:
+    def _transfer_total(self, key: ImageKey) -> int | None:
+        """The length the upload's transfer (or its checkpoint) knows."""
         transfer = self.transfers.get(key)
         if transfer is not None and transfer.feed is not None:
             return transfer.feed.total
         saved = self.checkpoints.kept(key)
         return saved.total if saved is not None else None
 
+    def _known_total(self, key: ImageKey, token: str | None) -> int | None:
+        """The upload's length as far as anything declared it."""
+        total = self._transfer_total(key)
+        if total is None and token is not None:
+            total = self._declared.get(token)
+        return total
+
+    def _started(self, key: ImageKey) -> bool:
+        return self.transfers.get(key) is not None or self.offset(key) > 0
+
     def state(self, image: Image) -> UploadState:
         key = image.key
-        transfer = self.transfers.get(key)
-        length = transfer.feed.total if transfer is not None and transfer.feed else None
         state = UploadState(
-            image.phase, self.offset(key), length, str(image.status.get("progress", ""))
+            image.phase,
+            self.offset(key),
+            self._known_total(key, image.upload_token),
+            str(image.status.get("progress", "")),
         )
         if image.phase == READY:
             state.offset = state.length = self.states.store.received(key)
@@ -199,7 +216,9 @@ class UploadSessions:
         offset = self.offset(key)
         if not part.whole and part.start != offset:
             raise part.wrong_offset(offset)
-        known = self._known_total(key)
+        known = self._known_total(key, token)
+        if part.total is None and not part.whole:
+            part.total = self._declared.get(token)  # the feed learns it with this part
         if not part.whole and None not in (part.total, known) and part.total != known:
             raise BadRequest(
                 f"this upload is {known} bytes long; the request says {part.total} "
@@ -218,22 +237,78 @@ class UploadSessions:
         image = self._check_part(token, part)
         known = part.total
         if known is None and not part.whole:
-            transfer = self.transfers.get(image.key)
-            known = transfer.feed.total if transfer is not None and transfer.feed else None
+            known = self._known_total(image.key, token)
             part.check_fits(known)
         self.storage.check_length(image.manifest, known)
-        if part.ends_at_total and known is None:
+        if part.ends_at_total and known is None and not self._deferred(token, part):
             raise BadRequest(
-                "a tus PATCH needs the upload's length: send Upload-Length with the first "
-                "PATCH (tuspy: TusClient(url, headers={'Upload-Length': str(size)}))"
+                "a tus PATCH needs the upload's length: create the upload first (POST to "
+                "the upload URL with Upload-Length, or Upload-Defer-Length: 1 and "
+                "Upload-Length with the last PATCH; tus-js-client: endpoint: URL), or send "
+                "Upload-Length with the first PATCH (tuspy: TusClient(url, "
+                "headers={'Upload-Length': str(size)}))"
             )
         return image
+
+    def _deferred(self, token: str, part: UploadPart) -> bool:
+        """Whether the upload's length comes with a later part, as its creation request or
+        this part says."""
+        return part.deferred or (token in self._declared and self._declared[token] is None)
+
+    def create(self, token: str, length: int | None) -> tuple[Image, int]:
+        """tus creation: declares the upload's length (None: it comes with a later part)
+        without taking a byte. The URL stays the image's; an upload that already took bytes
+        keeps them, and a length that contradicts what it already knows is refused. Returns
+        the image and the offset where the upload continues."""
+        image = self.find(token)
+        key = image.key
+        offset = self.offset(key)
+        started = self._started(key)
+        if length is None:
+            # An upload that took nothing yet starts afresh, with its length to come.
+            stays = self._known_total(key, token) if started else self._transfer_total(key)
+            try:
+                self.storage.check_length(image.manifest, stays)
+            except LengthRequired:
+                raise LengthRequired(
+                    "ContainerRegistry storage needs the image's length before its data: "
+                    "create the upload with Upload-Length, not Upload-Defer-Length "
+                    "(tus-js-client: without uploadLengthDeferred)"
+                ) from None
+        else:
+            limit = self.config.max_image_size
+            if length > limit:
+                raise ImageTooLarge(
+                    f"the image of {length} bytes (Upload-Length) exceeds the limit of "
+                    f"{limit} bytes"
+                )
+            if length == 0:
+                raise BadRequest("Upload-Length is 0: an image has at least one byte")
+            known = self._transfer_total(key)
+            if known is None and started:
+                known = self._declared.get(token)
+            if known is not None and known != length:
+                raise BadRequest(
+                    f"this upload is {known} bytes long; the creation request says {length}",
+                    offset=offset,
+                )
+            if length < offset:
+                raise BadRequest(
+                    f"this upload already took {offset} bytes, more than the {length} of "
+                    "the creation request",
+                    offset=offset,
+                )
+        if self._transfer_total(key) is None and (length is not None or not started):
+            self._declared[token] = length
+        return image, offset
 
     async def receive(self, token: str, part: UploadPart) -> tuple[BodyEnd, Image | None]:
         """Takes one request's part of an upload. Returns how its body ended and, when the
         image is complete, the image (Ready; errors are raised)."""
         image = self._check_part(token, part)
         key = image.key
+        if part.whole:
+            self._declared.pop(token, None)  # a whole image brings its own length
         transfer = self.transfers.get(key)
         if transfer is not None and (transfer.feed is None or part.whole):
             # A whole-image request starts over what an earlier one left parked.
@@ -260,6 +335,7 @@ class UploadSessions:
         await asyncio.wait({body.end, transfer.task}, return_when=asyncio.FIRST_COMPLETED)
         how = body.end.result() if body.end.done() else BodyEnd.STOPPED
         if how in (BodyEnd.COMPLETE, BodyEnd.STOPPED) or transfer.task.done():
+            self._declared.pop(token, None)
             return BodyEnd.COMPLETE, await asyncio.shield(transfer.task)
         return how, None
 

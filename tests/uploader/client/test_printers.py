@@ -67,3 +67,59 @@ def test_table_pads_columns() -> None:
         "some-image   Ready",
         "x            WaitForUserUpload",
     ]
+
+
+def test_events_are_shown_as_kubectl_describe_shows_them() -> None:
+    from datetime import UTC, datetime
+
+    from uploader.client.printers import describe_events
+
+    now = datetime(2026, 1, 1, 12, 10, tzinfo=UTC)
+    events = [
+        {
+            "type": "Warning",
+            "reason": "BadImageChecksum",
+            "message": "sha256 differs",
+            "firstTimestamp": "2026-01-01T12:09:50Z",
+            "lastTimestamp": "2026-01-01T12:09:50Z",
+            "count": 1,
+            "source": {"component": "dvcr-uploader"},
+        },
+        {
+            "type": "Normal",
+            "reason": "WaitForUserUpload",
+            "message": "The last upload was interrupted",
+            "firstTimestamp": "2026-01-01T12:00:00Z",
+            "lastTimestamp": "2026-01-01T12:08:00Z",
+            "count": 3,
+            "source": {"component": "dvcr-uploader"},
+        },
+    ]
+    assert describe_events(events, now).splitlines() == [
+        "Events:",
+        "  Type     Reason             Age               From           Message",
+        "  ----     ------             ----              ----           -------",
+        "  Normal   WaitForUserUpload  2m (x3 over 10m)  dvcr-uploader  The last upload was "
+        "interrupted",
+        "  Warning  BadImageChecksum   10s               dvcr-uploader  sha256 differs",
+    ]
+    assert describe_events([]) == "Events:  <none>"
+
+
+def test_custom_columns_and_labels() -> None:
+    from uploader.client.printers import (
+        CustomColumnsError,
+        custom_columns,
+        custom_row,
+        labels_cell,
+    )
+
+    obj = {"metadata": {"name": "a", "labels": {"z": "1", "a": "2"}}, "status": {"phase": "Ready"}}
+    columns = custom_columns("NAME:.metadata.name,PHASE:{.status.phase},GONE:.status.nothing")
+    assert [header for header, _ in columns] == ["NAME", "PHASE", "GONE"]
+    assert custom_row(obj, columns) == ["a", "Ready", "<none>"]
+    assert labels_cell(obj) == "a=2,z=1"
+    assert labels_cell({"metadata": {}}) == "<none>"
+    for bad in ("", "NAME", "NAME:", ":.metadata.name", "X:.a..b"):
+        with pytest.raises(CustomColumnsError):
+            custom_columns(bad)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import threading
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -271,3 +272,147 @@ def test_cluster_virtual_images(server: Server) -> None:
     assert server.call("GET", f"{path}/shared")[0] == 200
     assert server.call("DELETE", f"{path}/shared")[0] == 200
     assert server.call("GET", f"{path}/shared")[0] == 404
+
+
+# -- label selectors, every namespace, events -------------------------------------------------
+
+
+def _labelled(name: str, **labels: str) -> dict[str, Any]:
+    doc = manifest(name)
+    doc["metadata"]["labels"] = labels
+    return doc
+
+
+def _names(server: Server, path: str) -> list[str]:
+    code, listed = server.call("GET", path)
+    assert code == 200, listed
+    return [item["metadata"]["name"] for item in listed["items"]]
+
+
+def test_label_selectors_on_lists(server: Server) -> None:
+    server.create(_labelled("web", tier="front", os="ubuntu"))
+    server.create(_labelled("db", tier="back", os="ubuntu"))
+    server.create(manifest("bare"))
+    base = server.images_path() + "?labelSelector="
+    quoted = urllib.parse.quote
+    assert _names(server, base + quoted("tier=front")) == ["web"]
+    assert _names(server, base + quoted("os==ubuntu,tier!=front")) == ["db"]
+    assert _names(server, base + quoted("!tier")) == ["bare"]
+    assert _names(server, base + quoted("tier in (back, front)")) == ["db", "web"]
+    assert _names(server, base + quoted("tier notin (back)")) == ["bare", "web"]
+    assert _names(server, base) == ["bare", "db", "web"]
+
+
+@pytest.mark.parametrize(
+    ("selector", "why"),
+    [
+        ("tier=a b", 'cannot parse the requirement "tier=a b"'),
+        ("tier in (a", "a '(' without its ')'"),
+        ("-tier=a", 'the key "-tier": name part must consist of alphanumeric characters'),
+        ("tier=" + "v" * 64, "must be no more than 63 characters"),
+        ("a/b/c=d", 'the key "a/b/c": prefix part a lowercase RFC 1123 subdomain'),
+    ],
+)
+def test_a_malformed_label_selector_is_400(server: Server, selector: str, why: str) -> None:
+    for watch in ("", "&watch=true"):
+        path = server.images_path() + "?labelSelector=" + urllib.parse.quote(selector) + watch
+        code, body = server.call("GET", path)
+        assert (code, body["reason"]) == (400, "BadRequest")
+        assert body["message"].startswith(f'unable to parse the label selector "{selector}": ')
+        assert why in body["message"]
+
+
+def test_label_selector_on_a_watch_drops_what_stops_matching(server: Server) -> None:
+    server.create(_labelled("in", team="a"))
+    server.create(_labelled("out", team="b"))
+    path = server.images_path() + "?watch=true&labelSelector=team%3Da"
+    with urllib.request.urlopen(server.url + path, timeout=10) as response:
+        first = json.loads(response.readline())
+        assert (first["type"], first["object"]["metadata"]["name"]) == ("ADDED", "in")
+        relabelled = _labelled("in", team="c")
+        code, _ = server.call("PUT", server.images_path(name="in"), relabelled)
+        assert code == 200
+        second = json.loads(response.readline())
+    assert (second["type"], second["object"]["metadata"]["name"]) == ("DELETED", "in")
+
+
+@pytest.mark.parametrize(
+    ("labels", "message"),
+    [
+        ({"-x": "v"}, 'metadata.labels: Invalid value: "-x": name part must consist of'),
+        ({"k": "v" * 64}, 'metadata.labels: Invalid value: "' + "v" * 64 + '": must be no more'),
+        ({"k": "a b"}, 'metadata.labels: Invalid value: "a b": a valid label must be an empty'),
+        ({"Bad_Prefix/k": "v"}, 'metadata.labels: Invalid value: "Bad_Prefix/k": prefix part'),
+        ({"x" * 64: "v"}, "name part must be no more than 63 characters"),
+    ],
+)
+def test_labels_are_422_naming_the_field(
+    server: Server, labels: dict[str, str], message: str
+) -> None:
+    code, body = server.call("POST", server.images_path(), _labelled("lab", **labels))
+    assert (code, body["reason"]) == (422, "Invalid")
+    assert message in body["message"]
+
+
+def test_images_of_every_namespace(server: Server) -> None:
+    server.create(manifest("a"), namespace="one")
+    server.create(_labelled("b", os="x"), namespace="two")
+    path = f"{API}/virtualimages"
+    code, listed = server.call("GET", path)
+    assert (code, listed["kind"]) == (200, "VirtualImageList")
+    assert [(i["metadata"]["namespace"], i["metadata"]["name"]) for i in listed["items"]] == [
+        ("one", "a"),
+        ("two", "b"),
+    ]
+    assert _names(server, path + "?labelSelector=os") == ["b"]
+    with urllib.request.urlopen(server.url + path + "?watch=true", timeout=10) as response:
+        seen = {json.loads(response.readline())["object"]["metadata"]["name"] for _ in range(2)}
+    assert seen == {"a", "b"}
+
+
+def test_a_list_of_every_namespace_needs_a_token_for_every_namespace(tmp_path: Path) -> None:
+    import yaml
+
+    tokens = tmp_path / "tokens.yaml"
+    narrow, wide = "narrow-token-0123456789", "wide-token-0123456789ab"
+    tokens.write_text(
+        yaml.safe_dump(
+            {
+                "tokens": [
+                    {"user": "nat", "token": narrow, "role": "admin", "namespaces": ["one"]},
+                    {"user": "vic", "token": wide, "role": "view", "namespaces": "*"},
+                ]
+            }
+        )
+    )
+    with Server(tmp_path / "data", "--api-token-file", str(tokens)).start() as srv:
+        srv.token = narrow
+        srv.create(manifest("a"), namespace="one")
+        code, body = srv.call("GET", f"{API}/virtualimages")
+        assert (code, body["reason"]) == (403, "Forbidden")
+        assert body["message"] == (
+            'user "nat" may not list virtualimages.virtualization.deckhouse.io across all '
+            'namespaces: that needs a token with namespaces: "*"'
+        )
+        srv.token = wide
+        assert _names(srv, f"{API}/virtualimages") == ["a"]
+
+
+def test_events_of_an_image(server: Server, tmp_path: Path) -> None:
+    server.create(manifest("ev"))
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(2 * MiB))
+    assert put_file(server.upload_url("ev"), image) == 200
+    code, events = server.call("GET", server.images_path(name="ev") + "/events")
+    assert code == 200
+    assert (events["apiVersion"], events["kind"]) == ("v1", "EventList")
+    reasons = [(e["type"], e["reason"]) for e in events["items"]]
+    assert reasons[0] == ("Normal", "WaitForUserUpload")
+    assert reasons[-1] == ("Normal", "Ready")
+    first = events["items"][0]
+    assert first["involvedObject"]["kind"] == "VirtualImage"
+    assert first["involvedObject"]["uid"] == server.get("ev")["metadata"]["uid"]
+    assert first["count"] == 1 and first["source"] == {"component": "dvcr-uploader"}
+    assert first["firstTimestamp"] <= first["lastTimestamp"]
+    code, body = server.call("GET", server.images_path(name="nope") + "/events")
+    assert (code, body["reason"]) == (404, "NotFound")

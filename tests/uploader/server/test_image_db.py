@@ -77,3 +77,42 @@ def test_the_server_on_a_full_disk_answers_and_frees(small_disk: Path) -> None:
         (small_disk / "filler").unlink()
         srv.restart()
         srv.create(manifest("after"))
+
+
+def _with_condition(obj: dict, phase: str, reason: str, message: str) -> dict:
+    obj["status"] = {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": "False", "reason": reason, "message": message}],
+    }
+    return obj
+
+
+def test_events_follow_the_ready_condition_and_count_repeats(tmp_path: Path) -> None:
+    store = Store(tmp_path / "state.db")
+    obj = _image("ev")
+    key = ("VirtualImage", "default", "ev")
+    steps = [
+        ("WaitForUserUpload", "WaitForUserUpload", "Waiting for upload"),
+        ("WaitForUserUpload", "WaitForUserUpload", "Waiting for upload"),  # no change
+        ("Provisioning", "Provisioning", "Receiving the image"),
+        ("WaitForUserUpload", "WaitForUserUpload", "interrupted"),
+        ("Provisioning", "Provisioning", "Receiving the image"),  # a repeat
+        ("Failed", "BadImageChecksum", "sha256 differs"),
+    ]
+    for phase, reason, message in steps:
+        obj = store.save(_with_condition(obj, phase, reason, message))
+    events = store.events.of(key)
+    assert [(e.type, e.reason, e.count) for e in events] == [
+        ("Normal", "WaitForUserUpload", 1),
+        ("Normal", "WaitForUserUpload", 1),
+        ("Normal", "Provisioning", 2),
+        ("Warning", "BadImageChecksum", 1),
+    ]
+    assert [e.message for e in events[:2]] == ["Waiting for upload", "interrupted"]
+    for number in range(20):
+        obj = store.save(_with_condition(obj, "Pending", "Pending", f"step {number}"))
+    assert len(store.events.of(key)) == 10
+    assert store.events.of(key)[-1].message == "step 19"
+    store.delete(key)
+    assert store.events.of(key) == []
+    store.close()
