@@ -310,9 +310,10 @@ class Upload {
     this.startedAt = performance.now();
     this.sentThisRun = 0;
     let failures = 0;
+    let known = false; // the offset is the server's own answer to the last part
     while (!this.paused) {
       try {
-        this.offset = await this.serverOffset();
+        if (!known) this.offset = await this.serverOffset();
         if (this.offset >= this.file.size && this.file.size > 0) {
           const image = state.images.get(this.name);
           if (image?.status?.phase === "Ready") return this.finished();
@@ -323,8 +324,10 @@ class Upload {
         }
         const done = await this.sendPart();
         failures = 0;
+        known = true;
         if (done) return this.finished();
       } catch (error) {
+        known = false;
         if (this.paused) break;
         if (error.fatal) return this.failed(error.message);
         failures += 1;
