@@ -20,32 +20,14 @@ import time
 from pathlib import Path
 
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
+from bench.chromium import headless_chromium
 from bench.ours import OurServer
 from uploader.client.api_client import phase
 from uploader.resources import VIRTUAL_IMAGE
 
 MiB = 1 << 20
-
-
-def _browser(profile: Path) -> webdriver.Chrome:
-    options = webdriver.ChromeOptions()
-    options.binary_location = "/usr/bin/chromium"
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=Service("/usr/bin/chromedriver"))
 
 
 def _wait_ready(server: OurServer, name: str, timeout: float = 600) -> None:
@@ -96,7 +78,7 @@ def main() -> int:
             for i in range(args.size):
                 f.write(block[i % 251 :] + block[: i % 251])
         server = OurServer(work / "data").start()
-        driver = _browser(work / "chromium")
+        driver = headless_chromium(work / "chromium")
         page: list[float] = []
         curl: list[float] = []
         try:

@@ -24,10 +24,8 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
-from importer.errors import TransferError
 from importer.sources.reader import EMPTY, Reader
 from uploader.errors import (
     ApiError,
@@ -36,15 +34,15 @@ from uploader.errors import (
     NotFound,
     RequestTimeout,
     Unauthorized,
-    status_response,
 )
 from uploader.server.destinations import LengthRequired
 from uploader.server.image_model import Image
 from uploader.server.upload_api import (
     UPLOADS,
-    _close_after_answer,
-    _multipart_file,
-    _RequestBody,
+    RequestBody,
+    close_after_answer,
+    continue_unless_refused,
+    multipart_file,
 )
 from uploader.server.upload_feed import BodyEnd
 from uploader.server.upload_sessions import UploadPart, UploadSessions
@@ -177,7 +175,7 @@ def _admit(
 class _Arrival:
     """A request body that tells when its last byte has been taken."""
 
-    def __init__(self, body: _RequestBody) -> None:
+    def __init__(self, body: RequestBody) -> None:
         self.body = body
         self.all_in = asyncio.Event()
 
@@ -199,7 +197,7 @@ def _retrieve(running: set[asyncio.Task[object]]) -> Callable[[asyncio.Task[obje
 
 
 async def _receive(
-    uploads: UploadSessions, token: str, part: UploadPart, body: _RequestBody
+    uploads: UploadSessions, token: str, part: UploadPart, body: RequestBody
 ) -> tuple[BodyEnd, Image | None]:
     try:
         return await uploads.receive(token, part)
@@ -240,7 +238,7 @@ def _phase_now(uploads: UploadSessions, token: str, image: Image) -> str | None:
 
 async def _upload(request: web.Request, where: CdiPath) -> web.Response:
     uploads = request.app[UPLOADS]
-    body = _RequestBody(request, _multipart_file(request) if where.form else None)
+    body = RequestBody(request, multipart_file(request) if where.form else None)
     arrival = _Arrival(body)
     token, part, image = _admit(request, uploads, where, arrival)
     receipt = asyncio.ensure_future(_receive(uploads, token, part, body))
@@ -297,17 +295,9 @@ def _check_before_body(where: CdiPath) -> Callable[[web.Request], Awaitable[web.
     async def check(request: web.Request) -> web.Response | None:
         """Refuses a request before its body is sent, when the client waits for
         `100 Continue` (curl does for large bodies; Go's client does not ask)."""
-        try:
-            _admit(request, request.app[UPLOADS], where)
-        except ApiError as exc:
-            return status_response(exc.code, exc.reason, exc.message, exc.headers)
-        except TransferError as exc:
-            return status_response(exc.http_status, exc.reason, exc.message)
-        if request.version >= aiohttp.HttpVersion11 and (
-            request.headers.get("Expect", "").lower() == "100-continue"
-        ):
-            request.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # type: ignore[union-attr]
-        return None
+        return continue_unless_refused(
+            request, lambda: _admit(request, request.app[UPLOADS], where)
+        )
 
     return check
 
@@ -322,8 +312,8 @@ def _handler(where: CdiPath) -> Callable[[web.Request], Awaitable[web.Response]]
 def add_routes(app: web.Application) -> None:
     """CDI's paths on the uploads' application (which holds `UPLOADS`)."""
     app[_RUNNING] = set()
-    if _close_after_answer not in app.on_response_prepare:
-        app.on_response_prepare.append(_close_after_answer)
+    if close_after_answer not in app.on_response_prepare:
+        app.on_response_prepare.append(close_after_answer)
     app.on_response_prepare.append(_allow_any_origin)
     for where in cdi_paths():
         app.router.add_route(

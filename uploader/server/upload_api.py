@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -60,7 +60,7 @@ def _uploads(request: web.Request) -> UploadSessions:
     return request.app[UPLOADS]
 
 
-class _RequestBody:
+class RequestBody:
     """A request's body as the upload's feed reads it; a sender that goes away early is a
     TransferInterrupted.
 
@@ -111,13 +111,13 @@ class _RequestBody:
             self._request.content.feed_eof()  # nothing left for aiohttp to read or linger on
 
 
-async def _close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
+async def close_after_answer(request: web.Request, response: web.StreamResponse) -> None:
     if request.get(_CLOSE_AFTER_ANSWER):
         response.force_close()
         response.headers["Connection"] = "close"  # the headers are made before this hook
 
 
-async def _multipart_file(request: web.Request) -> AsyncIterator[bytes]:
+async def multipart_file(request: web.Request) -> AsyncIterator[bytes]:
     reader = await request.multipart()
     while True:
         part = await reader.next()
@@ -306,8 +306,16 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     is sent."""
     if _is_creation(request):
         return None  # no body to hold back; the handler answers
+    return continue_unless_refused(request, lambda: _admitted_part(request, _uploads(request)))
+
+
+def continue_unless_refused(
+    request: web.Request, admit: Callable[[], object]
+) -> web.Response | None:
+    """The answer to a request before its body: the refusal `admit` raises, or else (when
+    the client waits for it) `100 Continue`."""
     try:
-        _admitted_part(request, _uploads(request))
+        admit()
     except ApiError as exc:
         return status_response(exc.code, exc.reason, exc.message, exc.headers)
     except TransferError as exc:
@@ -324,7 +332,7 @@ async def put(request: web.Request) -> web.StreamResponse:
     uploads = _uploads(request)
     token = request.match_info["token"]
     multipart = request.content_type == "multipart/form-data"
-    body = _RequestBody(request, _multipart_file(request) if multipart else None)
+    body = RequestBody(request, multipart_file(request) if multipart else None)
     part, image = _admitted_part(request, uploads, body)
     try:
         how, done = await uploads.receive(token, part)
@@ -398,7 +406,7 @@ async def options(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.on_response_prepare.append(_close_after_answer)
+    app.on_response_prepare.append(close_after_answer)
     path = "/upload/{token}"
     app.router.add_route("PUT", path, put, expect_handler=check_before_body)
     app.router.add_route("POST", path, post, expect_handler=check_before_body)

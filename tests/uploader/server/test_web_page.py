@@ -19,18 +19,16 @@ from typing import Any
 import pytest
 import yaml
 from flakyhttp import RequestCuttingProxy
-from selenium import webdriver
 from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
 from serverproc import Server, manifest
 from waiting import wait_until
 
+from bench.chromium import CHROMEDRIVER, CHROMIUM, headless_chromium
+
 MiB = 1 << 20
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
 # The PVC sink slowed down, so that a 64 MiB upload takes a few seconds to watch.
 SLOW_SINK = {"DVCR_FAULT_SINK_BYTES_PER_SEC": str(24 * MiB)}
 
@@ -40,22 +38,7 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
     assert shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER), (
         "the browser tests need Debian's chromium and chromium-driver (.ci/run installs them)"
     )
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1200,900",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    driver = headless_chromium(tmp_path / "chromium")
     try:
         yield driver
     finally:
