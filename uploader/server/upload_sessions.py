@@ -205,9 +205,9 @@ class UploadSessions:
                 f"exceeds the limit of {limit} bytes"
             )
 
-    def _check_part(self, token: str, part: UploadPart) -> Image:
-        """Refuses, before its body is sent, a part that cannot be taken now."""
-        image = self.find(token)
+    def _check_part(self, image: Image, token: str, part: UploadPart) -> Image:
+        """Refuses, before its body is sent, a part of the upload to `image` (found by
+        `token`) that cannot be taken now."""
         key = image.key
         transfer = self.transfers.get(key)
         feed = transfer.feed if transfer is not None else None
@@ -232,9 +232,9 @@ class UploadSessions:
         with the upload's, then that the image's length is known where it must be:
         ContainerRegistry storage writes it before the first byte, and a tus upload ends
         when it is reached."""
-        self.find(token)
+        image = self.find(token)
         self.check_size(part)
-        image = self._check_part(token, part)
+        self._check_part(image, token, part)
         known = part.total
         if known is None and not part.whole:
             known = self._known_total(image.key, token)
@@ -305,7 +305,7 @@ class UploadSessions:
     async def receive(self, token: str, part: UploadPart) -> tuple[BodyEnd, Image | None]:
         """Takes one request's part of an upload. Returns how its body ended and, when the
         image is complete, the image (Ready; errors are raised)."""
-        image = self._check_part(token, part)
+        image = self._check_part(self.find(token), token, part)
         key = image.key
         if part.whole:
             self._declared.pop(token, None)  # a whole image brings its own length
