@@ -10,6 +10,12 @@ else touches them. What aiohttp had already buffered is handed out first.
 The connection cannot go back to aiohttp for another message (its parser still counts the
 body), so `release()` hands the transport back only for closing: the server closes the
 connection after its answer, the client does not put it back in the pool.
+
+A body refused halfway is still arriving when its answer is sent. Closing a socket with
+unread bytes makes the kernel reset the connection, and a reset can destroy the answer in
+the sender's receive buffer before the sender reads it (curl then says "Connection reset",
+not why). So after such an answer, `discard_rest` reads and drops what still comes, until
+the sender stops or a few seconds pass, as web servers' lingering close does.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ TAKEOVER_MIN = 1 << 20
 # bytes are counted as they come, not once a whole block is full.
 QUIET = 0.05
 _SPILL = 64 << 10
+_DISCARD_BUFFER = 1 << 20
 
 
 class TransportBody(asyncio.BufferedProtocol):
@@ -136,6 +143,23 @@ class TransportBody(asyncio.BufferedProtocol):
                 f"the connection broke off after {received} of {self.length} bytes{cause}"
             )
         self._wake()
+
+    @property
+    def unread(self) -> int:
+        """Bytes of the body not handed out yet (buffered or still to come)."""
+        return self._left + len(self._pending)
+
+    async def discard_rest(self, seconds: float) -> None:
+        """Drops the rest of the body as it arrives, until it is all in, the sender closes,
+        or `seconds` pass (see the module's docstring for why)."""
+        self._pending = memoryview(b"")
+        scratch = memoryview(bytearray(_DISCARD_BUFFER))
+        try:
+            async with asyncio.timeout(seconds):
+                while await self.readinto(scratch):
+                    pass
+        except (TimeoutError, ConnectionError):
+            pass
 
     def release(self) -> None:
         """Gives the transport back to the protocol it was taken from; a read still

@@ -29,6 +29,7 @@ from uploader.server.config import ServerConfig, split_host_port
 from uploader.server.headdeadline import HeadDeadlineSite, head_received_middleware
 from uploader.server.image_db import Store
 from uploader.server.images import Images
+from uploader.server.lingering import lingering_close_middleware
 from uploader.server.manifests import MAX_MANIFEST_SIZE
 from uploader.server.upload_tokens import redact_path
 
@@ -97,7 +98,12 @@ class ServerApps:
 def _new_app(access: AccessControl | None, metrics: Metrics) -> web.Application:
     """`access`: this application serves the API, guarded by it."""
     app = web.Application(
-        middlewares=[head_received_middleware, error_middleware, access_middleware],
+        middlewares=[
+            head_received_middleware,
+            lingering_close_middleware,
+            error_middleware,
+            access_middleware,
+        ],
         client_max_size=MAX_MANIFEST_SIZE,
     )
     if access is not None:

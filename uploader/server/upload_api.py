@@ -38,6 +38,7 @@ from uploader.errors import (
 )
 from uploader.quoting import quoted
 from uploader.server.image_model import Image
+from uploader.server.lingering import linger_after_answer
 from uploader.server.upload_feed import BodyEnd
 from uploader.server.upload_sessions import UploadPart, UploadSessions
 
@@ -105,10 +106,13 @@ class RequestBody:
 
     def release(self) -> None:
         """Once the feed is done with the body: the transport goes back to aiohttp, for
-        the answer and the close."""
+        the answer and the close (after the answer, when the body was not all read)."""
         if isinstance(self._reader, TransportBody):
-            self._reader.release()
             self._request.content.feed_eof()  # nothing left for aiohttp to read or linger on
+            if self._reader.unread:
+                linger_after_answer(self._request, self._reader)
+            else:
+                self._reader.release()
 
 
 async def close_after_answer(request: web.Request, response: web.StreamResponse) -> None:

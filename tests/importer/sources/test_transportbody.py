@@ -162,3 +162,39 @@ async def test_release_ends_a_waiting_read() -> None:
             await read
         assert link.server.transport is not None
         assert link.server.transport.get_protocol() is link.server
+
+
+async def test_discarding_the_rest_ends_when_the_sender_closes() -> None:
+    async with Link() as link:
+        assert link.writer is not None
+        link.writer.write(b"h" * 100)
+        body = await link.take(10 << 20)
+        link.writer.write(bytes(3 << 20))
+        link.writer.write_eof()
+        started = time.monotonic()
+        await body.discard_rest(30.0)
+        assert time.monotonic() - started < 10.0
+        assert body.unread > 0  # the sender stopped short of its length
+
+
+async def test_discarding_the_rest_of_a_sender_that_never_stops_ends_in_time() -> None:
+    async with Link() as link:
+        assert link.writer is not None
+        writer = link.writer
+        writer.write(b"h" * 100)
+        body = await link.take(1 << 40)
+
+        async def trickle() -> None:
+            while True:
+                writer.write(bytes(1024))
+                await asyncio.sleep(0.01)
+
+        sender = asyncio.ensure_future(trickle())
+        try:
+            started = time.monotonic()
+            await body.discard_rest(0.5)
+            assert 0.4 < time.monotonic() - started < 5.0
+            assert body.unread > 0
+        finally:
+            sender.cancel()
+        body.release()
