@@ -110,9 +110,6 @@ class UploadSessions:
         self.storage = storage
         self.transfers = transfers
         self.checkpoints = checkpoints
-        # Upload token -> the length a creation request declared; None: it comes later.
-        # Kept in memory until the upload's transfer knows it (a restart forgets it).
-        self._declared: dict[str, int | None] = {}
 
     @property
     def max_image_size(self) -> int:
@@ -167,12 +164,10 @@ class UploadSessions:
         saved = self.checkpoints.kept(key)
         return saved.total if saved is not None else None
 
-    def _known_total(self, key: ImageKey, token: str | None) -> int | None:
+    def _known_total(self, key: ImageKey) -> int | None:
         """The upload's length as far as anything declared it."""
         total = self._transfer_total(key)
-        if total is None and token is not None:
-            total = self._declared.get(token)
-        return total
+        return total if total is not None else self.tokens.declared(key)
 
     def _started(self, key: ImageKey) -> bool:
         return self.transfers.get(key) is not None or self.offset(key) > 0
@@ -182,7 +177,7 @@ class UploadSessions:
         state = UploadState(
             image.phase,
             self.offset(key),
-            self._known_total(key, image.upload_token),
+            self._known_total(key),
             str(image.status.get("progress", "")),
         )
         if image.phase == READY:
@@ -205,9 +200,9 @@ class UploadSessions:
                 f"exceeds the limit of {limit} bytes"
             )
 
-    def _check_part(self, image: Image, token: str, part: UploadPart) -> Image:
-        """Refuses, before its body is sent, a part of the upload to `image` (found by
-        `token`) that cannot be taken now."""
+    def _check_part(self, image: Image, part: UploadPart) -> Image:
+        """Refuses, before its body is sent, a part of the upload to `image` that cannot be
+        taken now."""
         key = image.key
         transfer = self.transfers.get(key)
         feed = transfer.feed if transfer is not None else None
@@ -216,9 +211,9 @@ class UploadSessions:
         offset = self.offset(key)
         if not part.whole and part.start != offset:
             raise part.wrong_offset(offset)
-        known = self._known_total(key, token)
+        known = self._known_total(key)
         if part.total is None and not part.whole:
-            part.total = self._declared.get(token)  # the feed learns it with this part
+            part.total = self.tokens.declared(key)  # the feed learns it with this part
         if not part.whole and None not in (part.total, known) and part.total != known:
             raise BadRequest(
                 f"this upload is {known} bytes long; the request says {part.total} "
@@ -234,13 +229,13 @@ class UploadSessions:
         when it is reached."""
         image = self.find(token)
         self.check_size(part)
-        self._check_part(image, token, part)
+        self._check_part(image, part)
         known = part.total
         if known is None and not part.whole:
-            known = self._known_total(image.key, token)
+            known = self._known_total(image.key)
             part.check_fits(known)
         self.storage.check_length(image.manifest, known)
-        if part.ends_at_total and known is None and not self._deferred(token, part):
+        if part.ends_at_total and known is None and not self._deferred(image.key, part):
             raise BadRequest(
                 "a tus PATCH needs the upload's length: create the upload first (POST to "
                 "the upload URL with Upload-Length, or Upload-Defer-Length: 1 and "
@@ -250,10 +245,10 @@ class UploadSessions:
             )
         return image
 
-    def _deferred(self, token: str, part: UploadPart) -> bool:
+    def _deferred(self, key: ImageKey, part: UploadPart) -> bool:
         """Whether the upload's length comes with a later part, as its creation request or
         this part says."""
-        return part.deferred or (token in self._declared and self._declared[token] is None)
+        return part.deferred or self.tokens.deferred(key)
 
     def create(self, token: str, length: int | None) -> tuple[Image, int]:
         """tus creation: declares the upload's length (None: it comes with a later part)
@@ -266,7 +261,7 @@ class UploadSessions:
         started = self._started(key)
         if length is None:
             # An upload that took nothing yet starts afresh, with its length to come.
-            stays = self._known_total(key, token) if started else self._transfer_total(key)
+            stays = self._known_total(key) if started else self._transfer_total(key)
             try:
                 self.storage.check_length(image.manifest, stays)
             except LengthRequired:
@@ -286,7 +281,7 @@ class UploadSessions:
                 raise BadRequest("Upload-Length is 0: an image has at least one byte")
             known = self._transfer_total(key)
             if known is None and started:
-                known = self._declared.get(token)
+                known = self.tokens.declared(key)
             if known is not None and known != length:
                 raise BadRequest(
                     f"this upload is {known} bytes long; the creation request says {length}",
@@ -299,16 +294,16 @@ class UploadSessions:
                     offset=offset,
                 )
         if self._transfer_total(key) is None and (length is not None or not started):
-            self._declared[token] = length
+            self.tokens.declare(key, length)
         return image, offset
 
     async def receive(self, token: str, part: UploadPart) -> tuple[BodyEnd, Image | None]:
         """Takes one request's part of an upload. Returns how its body ended and, when the
         image is complete, the image (Ready; errors are raised)."""
-        image = self._check_part(self.find(token), token, part)
+        image = self._check_part(self.find(token), part)
         key = image.key
         if part.whole:
-            self._declared.pop(token, None)  # a whole image brings its own length
+            self.tokens.undeclare(key)  # a whole image brings its own length
         transfer = self.transfers.get(key)
         if transfer is not None and (transfer.feed is None or part.whole):
             # A whole-image request starts over what an earlier one left parked.
@@ -335,7 +330,7 @@ class UploadSessions:
         await asyncio.wait({body.end, transfer.task}, return_when=asyncio.FIRST_COMPLETED)
         how = body.end.result() if body.end.done() else BodyEnd.STOPPED
         if how in (BodyEnd.COMPLETE, BodyEnd.STOPPED) or transfer.task.done():
-            self._declared.pop(token, None)
+            self.tokens.undeclare(key)
             return BodyEnd.COMPLETE, await asyncio.shield(transfer.task)
         return how, None
 

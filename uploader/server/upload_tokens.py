@@ -68,12 +68,30 @@ class TokenIndex:
 class UploadTokens:
     """The upload URLs' tokens of every image, by what the URL still answers: an image
     that waits for (or takes) its upload, one that is Ready (409, and GET/HEAD still
-    answer), and one that failed (410 with the failure)."""
+    answer), and one that failed (410 with the failure).
+
+    Beside them, the length a tus creation request declared for an upload that took no
+    byte yet (None: it comes with a later part); it lives as long as the waiting token, in
+    memory (a restart forgets it)."""
 
     def __init__(self) -> None:
         self.waiting = TokenIndex()
         self.ready = TokenIndex()
         self.failed = TokenIndex()
+        self._declared: dict[ImageKey, int | None] = {}
+
+    def declare(self, key: ImageKey, length: int | None) -> None:
+        self._declared[key] = length
+
+    def declared(self, key: ImageKey) -> int | None:
+        return self._declared.get(key)
+
+    def deferred(self, key: ImageKey) -> bool:
+        """Whether a creation request said the length comes later."""
+        return key in self._declared and self._declared[key] is None
+
+    def undeclare(self, key: ImageKey) -> None:
+        self._declared.pop(key, None)
 
     def wait(self, token: str, key: ImageKey) -> None:
         self.failed.remove(key)
@@ -81,15 +99,18 @@ class UploadTokens:
 
     def mark_ready(self, token: str | None, key: ImageKey) -> None:
         self.waiting.remove(key)
+        self.undeclare(key)
         if token:
             self.ready.add(token, key)
 
     def mark_failed(self, token: str | None, key: ImageKey) -> None:
         self.waiting.remove(key)
+        self.undeclare(key)
         if token:
             self.failed.add(token, key)
 
     def forget(self, key: ImageKey) -> None:
         self.waiting.remove(key)
+        self.undeclare(key)
         self.ready.remove(key)
         self.failed.remove(key)

@@ -211,3 +211,29 @@ async def test_a_new_spec_gives_a_new_upload_url(images: Images, data: bytes) ->
         images.uploads.find(old)
     how, done = await images.uploads.receive(new, whole(data))
     assert how is BodyEnd.COMPLETE and done is not None and done.phase == READY
+
+
+async def test_a_declared_length_lives_only_as_long_as_the_upload_waits(
+    images: Images, data: bytes
+) -> None:
+    token = await create(images, "declared")
+    key = images.uploads.find(token).key
+    images.uploads.create(token, SIZE)
+    assert images.uploads.state(images.uploads.find(token)).length == SIZE
+    await images.lifecycle.delete(VIRTUAL_IMAGE, NAMESPACE, "declared")
+    assert images.uploads.tokens.declared(key) is None
+
+    token = await create(images, "declared")  # the same name again: nothing carried over
+    assert images.uploads.state(images.uploads.find(token)).length is None
+    images.uploads.create(token, None)
+    assert images.uploads.tokens.deferred(key)
+    changed = manifest("declared", checksum={"sha256": hashlib.sha256(data).hexdigest()})
+    await images.lifecycle.replace(VIRTUAL_IMAGE, NAMESPACE, "declared", changed)
+    assert not images.uploads.tokens.deferred(key)
+
+    status = images.lifecycle.get(VIRTUAL_IMAGE, NAMESPACE, "declared")["status"]
+    token = status["imageUploadURLs"]["external"].rsplit("/", 1)[-1]
+    images.uploads.create(token, SIZE)
+    how, done = await images.uploads.receive(token, whole(data))
+    assert how is BodyEnd.COMPLETE and done is not None and done.phase == READY
+    assert images.uploads.tokens.declared(key) is None
