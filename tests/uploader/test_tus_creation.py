@@ -151,6 +151,16 @@ def test_a_creation_after_bytes_keeps_the_offset(server: Server) -> None:
     assert ready.code == 409 and "already Ready" in ready.body
 
 
+def test_a_chunked_patch_past_the_created_length_is_refused(server: Server) -> None:
+    server.create(manifest("chunked"))
+    url = server.upload_url("chunked")
+    assert create(url, f"Upload-Length: {2 * MiB}").code == 201
+    answer = patch(url, 0, os.urandom(3 * MiB), "Transfer-Encoding: chunked")
+    assert answer.code == 413, answer
+    assert f"more than the {2 * MiB} bytes" in answer.body
+    assert phase(server, "chunked") != "Ready"
+
+
 def test_a_whole_upload_after_a_creation_brings_its_own_length(
     server: Server, tmp_path: Path
 ) -> None:

@@ -164,7 +164,16 @@ class UploadFeed:
                 return n
             if body.end.result() is BodyEnd.COMPLETE:
                 break
+        await self._confirm_end(view)
         return 0
+
+    async def _confirm_end(self, view: memoryview) -> None:
+        """A body still attached at the image's last byte must end there: one more read
+        finds its end at once when the request said its length, and for a chunked body,
+        either its end or bytes past the image's length (ImageTooLarge)."""
+        body = self._body
+        if body is not None and not body.end.done():
+            await self._take(body, view)
 
     def close(self) -> None:
         """The transfer is over: the request still attached, if any, is let go."""

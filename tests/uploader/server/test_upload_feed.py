@@ -101,12 +101,9 @@ async def ended(body: Body) -> BodyEnd:
     return await asyncio.wait_for(asyncio.shield(body.end), SOON)
 
 
-def let_go_when_closed(feed: UploadFeed, body: Body) -> None:
-    """The transfer ends at the image's last byte without reading its body further: the
-    body stays attached until the transfer closes the feed, which lets it go."""
-    assert feed.attached is body and not body.end.done()
-    feed.close()
-    assert body.end.result() is BodyEnd.STOPPED
+def ended_with_the_image(feed: UploadFeed, body: Body) -> None:
+    """The body that carried the image's last byte was read to its end, which came there."""
+    assert body.end.result() is BodyEnd.COMPLETE
     assert feed.attached is None
 
 
@@ -124,10 +121,10 @@ async def test_one_body_of_the_whole_image_ends_the_transfer() -> None:
     parks = Parks()
     feed = feed_of(parks=parks)
     transfer = Transfer(feed)
-    body = await feed.attach(MemoryBody(IMAGE[:300], IMAGE[300:]), 0, len(IMAGE))
+    body = await feed.attach(MemoryBody(IMAGE[:300], IMAGE[300:], b""), 0, len(IMAGE))
     assert await transfer.result() == IMAGE
     assert feed.complete and feed.offset == len(IMAGE)
-    let_go_when_closed(feed, body)
+    ended_with_the_image(feed, body)
     assert parks.heard == []
 
 
@@ -147,10 +144,10 @@ async def test_a_body_of_unknown_length_that_ends_sets_the_image_length() -> Non
 async def test_a_body_that_says_the_length_gives_it_to_a_feed_that_did_not_know_it() -> None:
     feed = feed_of(total=None)
     transfer = Transfer(feed)
-    body = await feed.attach(MemoryBody(IMAGE), 0, len(IMAGE))
+    body = await feed.attach(MemoryBody(IMAGE, b""), 0, len(IMAGE))
     assert feed.total == len(IMAGE)
     assert await transfer.result() == IMAGE
-    let_go_when_closed(feed, body)
+    ended_with_the_image(feed, body)
 
 
 async def test_a_body_must_start_at_the_offset_the_feed_stands_at() -> None:
@@ -162,9 +159,9 @@ async def test_a_body_must_start_at_the_offset_the_feed_stands_at() -> None:
     assert feed.attached is None
     # A resumed upload goes on from where it stood, to the same end.
     transfer = Transfer(feed)
-    body = await feed.attach(MemoryBody(IMAGE[512:]), 512, len(IMAGE))
+    body = await feed.attach(MemoryBody(IMAGE[512:], b""), 512, len(IMAGE))
     assert await transfer.result() == IMAGE[512:]
-    let_go_when_closed(feed, body)
+    ended_with_the_image(feed, body)
 
 
 async def test_a_body_that_says_another_length_is_a_bad_request() -> None:
@@ -183,6 +180,30 @@ async def test_more_bytes_than_the_length_fail_the_transfer_and_are_not_counted(
     assert feed.offset == 1000  # the bytes that went past the end were refused, not counted
     assert await ended(body) is BodyEnd.STOPPED
     assert feed.attached is None
+
+
+async def test_a_chunked_body_that_goes_on_past_the_length_is_refused() -> None:
+    # The image's length came first (Upload-Length, a creation request); the body says
+    # none, and its extra bytes come in a later piece than its last good one.
+    feed = feed_of()
+    transfer = Transfer(feed)
+    body = await feed.attach(MemoryBody(IMAGE, b"extra", b""), 0, None)
+    with pytest.raises(ImageTooLarge, match=f"more than the {len(IMAGE)} bytes"):
+        await transfer.result()
+    assert feed.offset == len(IMAGE)
+    assert await ended(body) is BodyEnd.STOPPED
+
+
+async def test_a_chunked_body_is_read_to_its_end_at_the_image_s_last_byte() -> None:
+    feed = feed_of()
+    transfer = Transfer(feed)
+    reader = MemoryBody(IMAGE)
+    body = await feed.attach(reader, 0, None)
+    await transfer.has(len(IMAGE))
+    assert not transfer.task.done()  # its end, or more bytes, must come first
+    reader.end()
+    assert await transfer.result() == IMAGE
+    ended_with_the_image(feed, body)
 
 
 # -- a body that breaks off, and the one that continues it --------------------------------
@@ -204,10 +225,10 @@ async def test_a_body_that_breaks_off_leaves_the_transfer_waiting_for_the_rest()
     with pytest.raises(OffsetMismatch) as refused:
         await feed.attach(MemoryBody(IMAGE), 0, len(IMAGE))
     assert refused.value.offset == 400
-    second = await feed.attach(MemoryBody(IMAGE[400:]), 400, len(IMAGE))
+    second = await feed.attach(MemoryBody(IMAGE[400:], b""), 400, len(IMAGE))
     assert parks.heard == [BodyEnd.BROKEN, None]
     assert await transfer.result() == IMAGE
-    let_go_when_closed(feed, second)
+    ended_with_the_image(feed, second)
 
 
 async def test_a_body_that_sends_nothing_for_the_idle_timeout_is_cut() -> None:
@@ -241,9 +262,9 @@ async def test_a_part_that_ends_short_of_the_image_is_no_interruption() -> None:
     assert await ended(part) is BodyEnd.PARTIAL
     assert parks.heard == []  # tus sends the image in parts: nothing was interrupted
     assert feed.offset == 600 and not transfer.task.done()
-    rest = await feed.attach(MemoryBody(IMAGE[600:]), 600, None)
+    rest = await feed.attach(MemoryBody(IMAGE[600:], b""), 600, None)
     assert await transfer.result() == IMAGE
-    let_go_when_closed(feed, rest)
+    ended_with_the_image(feed, rest)
     assert parks.heard == []
 
 
@@ -260,8 +281,9 @@ async def test_a_second_body_while_the_first_delivers_is_refused() -> None:
         await feed.attach(MemoryBody(IMAGE[200:]), 200, len(IMAGE))
     assert feed.attached is first and not first.end.done()
     reader.send(IMAGE[200:])
+    reader.end()
     assert await transfer.result() == IMAGE
-    let_go_when_closed(feed, first)
+    ended_with_the_image(feed, first)
 
 
 async def test_a_stalled_body_is_taken_over_by_one_that_continues_at_the_offset(
@@ -273,11 +295,11 @@ async def test_a_stalled_body_is_taken_over_by_one_that_continues_at_the_offset(
     first = await feed.attach(MemoryBody(IMAGE[:500]), 0, len(IMAGE))
     await transfer.has(500)
     await wait_until_async(lambda: first.stalled, SOON, what="the first body to stall")
-    second = await feed.attach(MemoryBody(IMAGE[500:]), 500, len(IMAGE))
+    second = await feed.attach(MemoryBody(IMAGE[500:], b""), 500, len(IMAGE))
     assert first.end.result() is BodyEnd.TAKEN_OVER
     assert parks.heard == [BodyEnd.TAKEN_OVER, None]
     assert await transfer.result() == IMAGE
-    let_go_when_closed(feed, second)
+    ended_with_the_image(feed, second)
 
 
 async def test_a_stalled_body_is_not_taken_over_from_another_offset(
@@ -294,7 +316,7 @@ async def test_a_stalled_body_is_not_taken_over_from_another_offset(
     # waits for one at 500.
     assert refused.value.offset == 500
     assert first.end.result() is BodyEnd.TAKEN_OVER
-    await feed.attach(MemoryBody(IMAGE[500:]), 500, len(IMAGE))
+    await feed.attach(MemoryBody(IMAGE[500:], b""), 500, len(IMAGE))
     assert await transfer.result() == IMAGE
 
 
