@@ -9,6 +9,8 @@ at most, and only then lets aiohttp close the connection.
 
 from __future__ import annotations
 
+import contextlib
+
 from aiohttp import web
 
 from importer.sources.transportbody import TransportBody
@@ -30,9 +32,11 @@ async def lingering_close_middleware(request: web.Request, handler: Handler) -> 
         response = await handler(request)
         body: TransportBody | None = request.get(_UNREAD_BODY)
         if body is not None:
-            await response.prepare(request)
-            await response.write_eof()
-            await body.discard_rest(LINGER_SECONDS)
+            # A sender that went away has nothing left to read the answer with.
+            with contextlib.suppress(ConnectionError):
+                await response.prepare(request)
+                await response.write_eof()
+                await body.discard_rest(LINGER_SECONDS)
         return response
     finally:
         unread = request.pop(_UNREAD_BODY, None)

@@ -57,3 +57,25 @@ def test_refused_body_gets_its_answer_while_the_sender_keeps_sending(
     assert status_line == b"HTTP/1.1 422 Unprocessable Entity", answer[:300]
     assert b'"reason": "InvalidImage"' in rest or b'"reason":"InvalidImage"' in rest
     assert server.wait_phase("bad", ("Failed",))["status"]["phase"] == "Failed"
+
+
+def test_a_sender_that_goes_away_mid_body_leaves_no_error_in_the_log(
+    server: Server, tmp_path: Path
+) -> None:
+    server.create(manifest("dropped"))
+    url = server.upload_url("dropped")
+    parts = urlsplit(url)
+    for _ in range(3):
+        with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+            head = (
+                f"PUT {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
+                f"Content-Range: bytes 0-{64 * MiB - 1}/{64 * MiB}\r\n"
+                f"Content-Length: {64 * MiB}\r\n\r\n"
+            ).encode()
+            sock.sendall(head + bytes(4 * MiB))
+            # A reset, not a close: the server learns of it while writing its answer.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.5)
+    assert server.get("dropped")["status"]["phase"] == "WaitForUserUpload"
+    log = server.log_path.read_text()
+    assert "Traceback" not in log and "Error handling request" not in log, log[-3000:]
