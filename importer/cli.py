@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="HOST:PORT of /metrics while the import runs; empty to disable",
     )
     parser.add_argument("--max-image-size", type=int, default=TiB)
+    # Deckhouse's controller starts its importer pod with `-v=N` (klog's verbosity).
+    parser.add_argument(
+        "-v", type=int, default=0, metavar="N", help="accepted for Deckhouse's pods; no effect"
+    )
     return parser
 
 

@@ -25,6 +25,7 @@ from uploader.client.applyinput import ManifestError
 from uploader.client.credentials import Credentials, CredentialsError, resolve_credentials
 from uploader.client.targets import parse_targets
 from uploader.client.upload_create import DEFAULT_STORAGE, STORAGES
+from uploader.pod.options import is_pod_invocation
 from uploader.server.config import DEFAULT_LISTEN, ServerConfig
 
 __all__ = ["build_parser", "main", "parse_duration", "parse_size"]
@@ -513,6 +514,11 @@ def _print_error(exc: ClientError) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if is_pod_invocation(arguments, os.environ, COMMANDS):
+        from uploader.pod.run import main as run_pod
+
+        return run_pod(arguments)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":

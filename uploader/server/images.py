@@ -28,10 +28,18 @@ from uploader.server.upload_tokens import UploadTokens
 
 
 class Images:
-    def __init__(self, config: ServerConfig, store: Store, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        metrics: Metrics,
+        storage: Storage | None = None,
+    ) -> None:
+        """`storage`: where the images' data goes, when not the server's own (the uploader
+        pod pushes its one image to a reference it is given, uploader/pod/)."""
         self.config = config
         self.store = store
-        self.storage = Storage(config)
+        self.storage = storage if storage is not None else Storage(config)
         tokens = UploadTokens()
         states = ImageStates(store, tokens)
         checkpoints = Checkpoints(store, self.storage)
