@@ -35,6 +35,7 @@ from uploader.errors import (
     RequestTimeout,
     Unauthorized,
 )
+from uploader.server.cors import allow_any_origin, preflight_headers
 from uploader.server.destinations import LengthRequired
 from uploader.server.image_model import Image
 from uploader.server.upload_api import (
@@ -53,7 +54,6 @@ _BEARER = re.compile(r"Bearer\s+([A-Za-z0-9\-._~+/]+)", re.ASCII | re.IGNORECASE
 CDI_CONTENT_TYPE = "X-CDI-Content-Type"
 _CLONE_CONTENT_TYPES = frozenset({"filesystem-clone", "blockdevice-clone"})
 _RUNNING = web.AppKey("cdi_uploads_running", set[asyncio.Task[object]])
-_PREFLIGHT_MAX_AGE = "600"
 
 
 class UploadInProgress(ApiError):
@@ -271,24 +271,9 @@ def _allowed(where: CdiPath) -> str:
 
 def _preflight(where: CdiPath) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def options(request: web.Request) -> web.Response:
-        headers = {"Allow": _allowed(where)}
-        if "Origin" in request.headers and "Access-Control-Request-Method" in request.headers:
-            headers["Access-Control-Allow-Methods"] = _allowed(where)
-            asked = request.headers.get("Access-Control-Request-Headers")
-            if asked:
-                headers["Access-Control-Allow-Headers"] = asked
-            headers["Access-Control-Max-Age"] = _PREFLIGHT_MAX_AGE
-            headers["Vary"] = (
-                "Origin, Access-Control-Request-Method, Access-Control-Request-Headers"
-            )
-        return web.Response(status=204, headers=headers)
+        return web.Response(status=204, headers=preflight_headers(request, _allowed(where)))
 
     return options
-
-
-async def _allow_any_origin(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path in _PATHS and "Origin" in request.headers:
-        response.headers["Access-Control-Allow-Origin"] = "*"
 
 
 def _check_before_body(where: CdiPath) -> Callable[[web.Request], Awaitable[web.Response | None]]:
@@ -314,7 +299,7 @@ def add_routes(app: web.Application) -> None:
     app[_RUNNING] = set()
     if close_after_answer not in app.on_response_prepare:
         app.on_response_prepare.append(close_after_answer)
-    app.on_response_prepare.append(_allow_any_origin)
+    app.on_response_prepare.append(allow_any_origin(lambda request: request.path in _PATHS))
     for where in cdi_paths():
         app.router.add_route(
             "POST", where.path, _handler(where), expect_handler=_check_before_body(where)

@@ -37,6 +37,7 @@ from uploader.errors import (
     status_response,
 )
 from uploader.quoting import quoted
+from uploader.server.cors import allow_any_origin, preflight_headers
 from uploader.server.image_model import Image
 from uploader.server.lingering import linger_after_answer
 from uploader.server.upload_feed import BodyEnd
@@ -396,7 +397,12 @@ async def get(request: web.Request) -> web.Response:
     return web.Response(text=json.dumps(state.to_json()) + "\n", content_type="application/json")
 
 
+def _is_upload_url(request: web.Request) -> bool:
+    return request.path.startswith("/upload/")
+
+
 async def options(request: web.Request) -> web.Response:
+    """tus's discovery, and a browser's preflight (see cors.py)."""
     return web.Response(
         status=204,
         headers={
@@ -404,13 +410,14 @@ async def options(request: web.Request) -> web.Response:
             "Tus-Version": TUS_VERSION,
             "Tus-Max-Size": str(_uploads(request).max_image_size),
             "Tus-Extension": "creation,creation-defer-length",
-            "Allow": "PUT, POST, PATCH, HEAD, GET, OPTIONS",
+            **preflight_headers(request, "PUT, POST, PATCH, HEAD, GET, OPTIONS"),
         },
     )
 
 
 def add_routes(app: web.Application) -> None:
     app.on_response_prepare.append(close_after_answer)
+    app.on_response_prepare.append(allow_any_origin(_is_upload_url))
     path = "/upload/{token}"
     app.router.add_route("PUT", path, put, expect_handler=check_before_body)
     app.router.add_route("POST", path, post, expect_handler=check_before_body)

@@ -23,10 +23,13 @@ from selenium.common.exceptions import NoSuchElementException, StaleElementRefer
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import Select
-from serverproc import Server, manifest
+from serverproc import Server, free_port, manifest
 from waiting import wait_until
 
 from bench.chromium import CHROMEDRIVER, CHROMIUM, headless_chromium
+from uploader.client.api_client import ApiClient
+from uploader.client.credentials import Credentials
+from uploader.resources import VIRTUAL_IMAGE
 
 MiB = 1 << 20
 # The PVC sink slowed down, so that a 64 MiB upload takes a few seconds to watch.
@@ -251,3 +254,32 @@ def test_the_page_asks_for_a_token_and_shows_only_what_it_may_read(
         assert browser.find_elements(By.CSS_SELECTOR, "#images tbody tr") == []
         assert browser.execute_script("return sessionStorage.getItem('dvcr-token')") == viewer
         assert browser.execute_script("return localStorage.getItem('dvcr-token')") is None
+
+
+def test_the_page_of_a_separate_api_listener_uploads_across_origins(
+    browser: WebDriver, tmp_path: Path
+) -> None:
+    # The page comes from the API's listener; the upload URLs are the upload listener's,
+    # another origin, so every part is a cross-origin request the upload URL must allow.
+    disk = tmp_path / "small.img"
+    disk.write_bytes(os.urandom(8 * MiB))
+    api_port = free_port()
+    api_url = f"http://127.0.0.1:{api_port}"
+    with Server(tmp_path / "data", "--api-listen", f"127.0.0.1:{api_port}").start() as server:
+        api = ApiClient(api_url, Credentials(None))
+        code, _ = api.call("POST", api.path(VIRTUAL_IMAGE, "default", None), manifest("across"))
+        assert code == 201
+        browser.get(api_url + "/")
+        open_image(browser, "across")
+        upload_url = api.wait_for_phase("across", ("WaitForUserUpload",), 20, "default")["status"][
+            "imageUploadURLs"
+        ]["external"]
+        assert upload_url.startswith(server.url + "/upload/")
+        start_upload(browser, disk)
+        wait_until(
+            lambda: phase_in_table(browser, "across") == "Ready",
+            timeout=60,
+            what="Ready in the table",
+        )
+        status = api.wait_for_phase("across", ("Ready",), 20, "default")["status"]
+        assert status["checksum"]["sha256"] == sha256(disk)
