@@ -37,6 +37,16 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
+def parse_bool(text: str) -> bool:
+    """`true` or `false`, as kubectl's boolean flags (`--wait=false`)."""
+    value = text.strip().lower()
+    if value in ("true", "t", "1"):
+        return True
+    if value in ("false", "f", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
 def host_port(text: str) -> str:
     """`HOST:PORT`, `:PORT` or `[v6]:PORT`, kept as written."""
     try:

@@ -15,6 +15,7 @@ from uploader.argtypes import (
     cidr,
     existing_file,
     host_port,
+    parse_bool,
     parse_duration,
     parse_size,
     positive_int,
@@ -288,6 +289,23 @@ def _client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
     delete.add_argument(
         "--ignore-not-found", action="store_true", help="an image that is not there is no error"
     )
+    delete.add_argument(
+        "--wait",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        metavar="BOOL",
+        help="wait until the images are gone (default true; an image that imports read "
+        "is gone once they end)",
+    )
+    delete.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="how long --wait waits (default 0: until they are gone)",
+    )
 
     wait = commands.add_parser(
         "wait",
@@ -296,7 +314,11 @@ def _client_commands(commands: Any, common: argparse.ArgumentParser) -> None:
         epilog="exit codes: 0 every image got there; 1 the timeout passed first, or an image "
         "is not there",
     )
-    wait.add_argument("resources", nargs="+", metavar="vi/NAME", help="the images")
+    wait.add_argument(
+        "resources", nargs="+", metavar="vi/NAME", help="the images (vi with -l or --all)"
+    )
+    wait.add_argument("--all", action="store_true", help="every image of the kind")
+    _selector_flag(wait)
     wait.add_argument(
         "--for",
         dest="condition",

@@ -356,6 +356,59 @@ def test_wait_for_a_phase_a_timeout_and_deletion(srv: Server, disk: Path) -> Non
     assert bad.returncode == 1 and "unrecognized condition" in bad.stderr
 
 
+def test_wait_for_the_images_a_selector_or_all_selects(srv: Server, disk: Path) -> None:
+    run(srv, "apply", "-f", "-", stdin=image_yaml("lab-1", labels="batch: nightly"))
+    run(srv, "apply", "-f", "-", stdin=image_yaml("lab-2", labels="batch: nightly"))
+    run(srv, "apply", "-f", "-", stdin=image_yaml("other"))
+    for name in ("lab-1", "lab-2"):
+        assert run(srv, "upload", str(disk), f"vi/{name}", "-q").returncode == 0
+    selected = run(srv, "wait", "vi", "-l", "batch=nightly", "--for=condition=Ready",
+                   "--timeout=30s")  # fmt: skip
+    assert (selected.returncode, selected.stdout) == (
+        0,
+        "virtualimage.virtualization.deckhouse.io/lab-1 condition met\n"
+        "virtualimage.virtualization.deckhouse.io/lab-2 condition met\n",
+    ), selected.stderr
+    everything = run(srv, "wait", "vi", "--all", "--for=condition=Ready", "--timeout=1s")
+    assert everything.returncode == 1
+    assert "timed out waiting for the condition on virtualimages/other" in everything.stderr
+    none = run(srv, "wait", "vi", "-l", "batch=weekly", "--for=condition=Ready")
+    assert (none.returncode, none.stderr) == (1, "error: no matching resources found\n")
+    both = run(srv, "wait", "vi/lab-1", "-l", "batch=nightly", "--for=condition=Ready")
+    assert both.returncode == 1 and "name cannot be provided" in both.stderr
+
+
+def test_delete_waits_until_an_image_that_imports_read_is_gone(tmp_path: Path, disk: Path) -> None:
+    slow = {"DVCR_FAULT_SINK_BYTES_PER_SEC": str(4 * MiB)}
+    with Server(tmp_path / "data", env=slow).start() as srv:
+        big = tmp_path / "big.img"
+        big.write_bytes(os.urandom(24 * MiB))
+        run(srv, "apply", "-f", "-", stdin=image_yaml("base"))
+        assert run(srv, "upload", str(big), "vi/base", "-q").returncode == 0
+        # The copy goes to a claim, whose writes the server was told to slow down.
+        copy = (
+            image_yaml("copy")
+            .replace("ContainerRegistry", "PersistentVolumeClaim")
+            .replace(
+                "    type: Upload\n",
+                "    type: ObjectRef\n    objectRef:\n      kind: VirtualImage\n      name: base\n",
+            )
+        )
+        run(srv, "apply", "-f", "-", stdin=copy)
+        srv.wait_phase("copy", ("Provisioning",))
+        quick = run(srv, "delete", "vi", "base", "--wait=false")
+        assert quick.stdout == 'virtualimage.virtualization.deckhouse.io "base" deleted\n'
+        assert srv.get("base")["status"]["phase"] == "Terminating"
+        short = run(srv, "delete", "vi", "base", "--timeout=1s")
+        assert short.returncode == 1
+        assert "timed out waiting for virtualimages/base to be deleted" in short.stderr
+        waited = run(srv, "delete", "vi", "base")
+        assert waited.returncode == 0, waited.stderr
+        # Gone when the command returned, not later: the copy that read it is done.
+        assert run(srv, "get", "vi", "base").returncode == 1
+        assert srv.get("copy")["status"]["phase"] == "Ready"
+
+
 # -- 5. custom columns ----------------------------------------------------------------------------
 
 

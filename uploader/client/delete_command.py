@@ -1,15 +1,19 @@
 """`dvcr-uploader delete`: images by name (`vi a b`, `vi/a`), every image of a kind in the
-namespace (`--all`), those a label selector selects (`-l`), or those of manifests (`-f`)."""
+namespace (`--all`), those a label selector selects (`-l`), or those of manifests (`-f`).
+As kubectl's, it waits until they are gone unless `--wait=false`."""
 
 from __future__ import annotations
 
 import sys
+import time
 from typing import Any
 
 from uploader.client.api_client import ApiClient, ClientError
 from uploader.client.applyinput import load_documents
 from uploader.client.targets import Target, kind_of, manifest_namespace, parse_targets
 from uploader.resources import KINDS, Kind
+
+POLL = 0.2
 
 
 def run(args: Any, client: ApiClient) -> int:
@@ -21,6 +25,7 @@ def run(args: Any, client: ApiClient) -> int:
     else:
         deletions = _from_arguments(args, client, words)
     failed = False
+    deleted = []
     for kind, namespace, name in deletions:
         try:
             client.delete(kind, namespace, name)
@@ -33,7 +38,26 @@ def run(args: Any, client: ApiClient) -> int:
             failed = True
             continue
         print(f'{kind.display} "{name}" deleted')
+        deleted.append((kind, namespace, name))
+    if args.wait and not _gone(client, deleted, args.timeout):
+        failed = True
     return 1 if failed else 0
+
+
+def _gone(client: ApiClient, deleted: list[tuple[Kind, str, str]], timeout: float) -> bool:
+    """Waits until the deleted images are gone (one that imports read stays Terminating
+    until they end); `timeout` 0: as long as it takes."""
+    deadline = time.monotonic() + timeout if timeout > 0 else None
+    for kind, namespace, name in deleted:
+        while client.call("GET", client.path(kind, namespace, name))[0] != 404:
+            if deadline is not None and time.monotonic() >= deadline:
+                print(
+                    f"error: timed out waiting for {kind.plural}/{name} to be deleted",
+                    file=sys.stderr,
+                )
+                return False
+            time.sleep(POLL)
+    return True
 
 
 def _from_arguments(args: Any, client: ApiClient, words: list[str]) -> list[tuple[Kind, str, str]]:

@@ -2,7 +2,8 @@
 
 `--for=jsonpath='{.status.phase}'=Ready` (a JSONPath and the value it must show; without
 `=VALUE`, until it shows anything), `--for=condition=Ready[=true]` and `--for=delete`;
-`--timeout` (default 30s) bounds the whole wait. Each image that gets there is printed as
+`--timeout` (default 30s) bounds the whole wait. `-l SELECTOR` or `--all` waits for the
+images of a kind that are there when the wait begins. Each image that gets there is printed as
 `KIND/NAME condition met`; a timeout is `error: timed out waiting for the condition on
 virtualimages/NAME` and exit code 1.
 """
@@ -76,9 +77,7 @@ def run(args: Any, client: ApiClient) -> int:
     if args.condition is None:
         raise ClientError("--for must be set to one of: delete, condition=NAME, jsonpath=...")
     _, check = parse_condition(args.condition)
-    targets = parse_targets(args.resources)
-    if any(t.name is None for t in targets):
-        raise ClientError("resource name may not be empty: give vi/NAME or vi NAME")
+    targets = _targets(args, client)
     deadline = time.monotonic() + max(args.timeout, 0.0)
     for target in targets:
         if not _wait_one(client, target, args.namespace, check, deadline):
@@ -89,6 +88,28 @@ def run(args: Any, client: ApiClient) -> int:
             return 1
         print(f"{target.kind.display}/{target.name} condition met")
     return 0
+
+
+def _targets(args: Any, client: ApiClient) -> list[Target]:
+    """The images named, or (with `-l` or `--all`) those listed when the wait begins."""
+    targets = parse_targets(args.resources)
+    selecting = args.all or args.selector is not None
+    if selecting:
+        if any(t.name is not None for t in targets):
+            raise ClientError("name cannot be provided when a selector or --all is specified")
+        listed = [
+            Target(t.kind, str(obj["metadata"]["name"]))
+            for t in targets
+            for obj in client.list(t.kind, args.namespace, args.selector)["items"]
+        ]
+        if not listed:
+            raise ClientError("no matching resources found")
+        return listed
+    if any(t.name is None for t in targets):
+        raise ClientError(
+            "resource name may not be empty: give vi/NAME, vi NAME, -l SELECTOR or --all"
+        )
+    return targets
 
 
 def _wait_one(
