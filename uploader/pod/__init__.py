@@ -16,7 +16,9 @@ upload server.
 - options.py: the flags and variables, with Deckhouse's defaults, checked at start;
 - tls.py: the server certificate, CDI's cipher and version settings, mTLS;
 - destination.py: the reference, its credentials and TLS, and the storage that uses them;
+- checksums.py: `UPLOADER_CHECKSUMS`, each algorithm checked where it can be;
 - routes.py: the upload paths, `/healthz`, `/metrics`;
+- metricstls.py: the metrics listener's throwaway self-signed certificate;
 - termination.py: the termination message;
 - run.py: start, wait for the verdict, write the message, exit.
 """

@@ -25,6 +25,7 @@ from importer.oci.registry_store import RegistryStore
 from importer.oci.store import ImageStore
 from importer.pipeline import Sink
 from importer.sinks.factory import DvcrLocation
+from uploader.pod.checksums import CheckedSink
 from uploader.pod.options import OptionsError, PodOptions
 from uploader.server.config import ServerConfig
 from uploader.server.destinations import Storage
@@ -93,10 +94,14 @@ def pod_destination(options: PodOptions) -> PodDestination:
 
 class PodStorage(Storage):
     """The server's storage, its DVCR the destination's registry and every image the
-    destination's reference."""
+    destination's reference; `checked` are the digests the image's spec cannot hold
+    (uploader/pod/checksums.py), checked before the tag is written."""
 
-    def __init__(self, config: ServerConfig, destination: PodDestination) -> None:
+    def __init__(
+        self, config: ServerConfig, destination: PodDestination, checked: dict[str, str]
+    ) -> None:
         self.destination = destination  # before Storage opens the DVCR with it
+        self.checked = checked
         super().__init__(config)
 
     def _open_dvcr(self) -> ImageStore:
@@ -117,7 +122,8 @@ class PodStorage(Storage):
         self.check_length(obj, length)
         assert length is not None
         image = DvcrLocation(self.dvcr, self.destination.repository, self.destination.tag)
-        return await self.sinks.dvcr_sink(image, length, filename)
+        sink = await self.sinks.dvcr_sink(image, length, filename)
+        return CheckedSink(sink, self.checked) if self.checked else sink
 
     async def remove_data(self, obj: Object) -> None:
         """Nothing: the pod never deletes what is at its destination."""

@@ -32,8 +32,16 @@ ENDPOINT_FLAG = "--destination-endpoint"
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", re.ASCII)
-_HEX_LENGTHS = {"sha256": 64, "md5": 32}
-_DECKHOUSE_ONLY_ALGORITHMS = ("sha1", "sha512", "gost")
+# The algorithms of the controller's checksum section (datasource.Checksums), and the
+# length of each digest in hex.
+_HEX_LENGTHS = {
+    "md5": 32,
+    "sha1": 40,
+    "sha256": 64,
+    "sha512": 128,
+    "streebog256": 64,
+    "streebog512": 128,
+}
 
 
 def is_pod_invocation(
@@ -185,7 +193,8 @@ def _readable_file(text: str, what: str, directory_too: bool = False) -> Path:
 
 
 def parse_checksums(text: str, what: str) -> dict[str, str]:
-    """`algorithm:hex` pairs, comma separated, as Deckhouse's controller writes them."""
+    """`algorithm:hex` pairs, comma separated, as Deckhouse's controller writes them
+    (`md5:…,sha256:…`, sorted, digests in lower case); upper-case digests are taken too."""
     checksums: dict[str, str] = {}
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -194,21 +203,13 @@ def parse_checksums(text: str, what: str) -> dict[str, str]:
         algorithm, value = algorithm.strip().lower(), value.strip().lower()
         if not sep or not algorithm or not value:
             raise OptionsError(f"{what}: {item[:80]!r} is not ALGORITHM:HEX")
-        if algorithm not in _HEX_LENGTHS:
-            known = ", ".join(_HEX_LENGTHS)
-            extra = (
-                " (Deckhouse's uploader also checks it; this one does not)"
-                if algorithm.startswith(_DECKHOUSE_ONLY_ALGORITHMS)
-                else ""
-            )
+        length = _HEX_LENGTHS.get(algorithm)
+        if length is None:
             raise OptionsError(
-                f"{what}: the algorithm {algorithm[:20]!r} is not supported{extra}; "
-                f"supported: {known}"
+                f"{what}: the algorithm {algorithm[:20]!r} is not one of {', '.join(_HEX_LENGTHS)}"
             )
-        if len(value) != _HEX_LENGTHS[algorithm] or not re.fullmatch(r"[0-9a-f]+", value):
-            raise OptionsError(
-                f"{what}: the {algorithm} checksum is not {_HEX_LENGTHS[algorithm]} hex digits"
-            )
+        if len(value) != length or not re.fullmatch(r"[0-9a-f]+", value):
+            raise OptionsError(f"{what}: the {algorithm} checksum is not {length} hex digits")
         if checksums.get(algorithm, value) != value:
             raise OptionsError(f"{what}: two different {algorithm} checksums")
         checksums[algorithm] = value

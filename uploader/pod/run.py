@@ -3,12 +3,13 @@
 It starts the server's image machinery on a state directory of its own under the temp
 directory (`$TMPDIR`, else `/tmp`: the pod's only writable place, an emptyDir), creates
 the one image, with its destination the reference in `UPLOADER_DESTINATION_ENDPOINT`, and
-serves its upload paths (uploader/pod/routes.py), `/healthz` and `/metrics`. Once the
-image is Ready or Failed it writes the termination message and exits: 0 when the image is
-pushed, and 0 too for a verdict on the image (invalid, unsupported, too large, checksum
-mismatch: sending it again cannot help, and Deckhouse's controller reads the verdict from
-the message of a completed pod); 1 when the push failed for a reason that may pass, so
-that the kubelet starts the container again; 2 when it is configured wrongly.
+serves its upload paths (uploader/pod/routes.py), `/healthz`, and `/metrics` over HTTPS
+with a throwaway certificate (metricstls.py). Once the image is Ready or Failed it writes
+the termination message and exits: 0 when the image is pushed, and 0 too for a verdict on
+the image (invalid, unsupported, too large, checksum mismatch: sending it again cannot
+help, and Deckhouse's controller reads the verdict from the message of a completed pod);
+1 when the push failed for a reason that may pass, so that the kubelet starts the
+container again; 2 when it is configured wrongly.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from aiohttp import web
 
 from importer import lanethreads
 from importer.metrics import Metrics
+from uploader.pod.checksums import for_the_sink, for_the_spec, not_computable
 from uploader.pod.destination import PodStorage, pod_destination
+from uploader.pod.metricstls import MetricsTlsError, self_signed_context
 from uploader.pod.options import OptionsError, PodOptions, parse_options
 from uploader.pod.routes import healthz_app, metrics_app, requests_in_flight, uploads_app
 from uploader.pod.termination import outcome_message, write_message
@@ -61,7 +64,8 @@ class StartError(Exception):
 
 
 def _manifest(options: PodOptions) -> dict[str, Any]:
-    upload: dict[str, Any] = {"checksum": dict(options.checksums)} if options.checksums else {}
+    in_the_spec = for_the_spec(options.checksums)
+    upload: dict[str, Any] = {"checksum": in_the_spec} if in_the_spec else {}
     return {
         "apiVersion": API_VERSION,
         "kind": VIRTUAL_IMAGE.name,
@@ -116,7 +120,7 @@ async def _serve(
             runner, sock, header_timeout=HEADER_TIMEOUT, ssl_context=tls, shutdown_timeout=3.0
         )
     else:
-        site = web.SockSite(runner, sock, shutdown_timeout=1.0)
+        site = web.SockSite(runner, sock, ssl_context=tls, shutdown_timeout=1.0)
     await site.start()
     return runner
 
@@ -168,7 +172,8 @@ async def _run_image(options: PodOptions, state_dir: Path, tls: ssl.SSLContext |
     logging.getLogger("aiohttp.server").addFilter(ProtocolErrorsInOneLine())
     metrics = Metrics()
     store = Store(config.db_path)
-    images = Images(config, store, metrics, PodStorage(config, destination))
+    storage = PodStorage(config, destination, for_the_sink(options.checksums))
+    images = Images(config, store, metrics, storage)
     runners: list[web.AppRunner] = []
     try:
         await images.start(
@@ -180,8 +185,9 @@ async def _run_image(options: PodOptions, state_dir: Path, tls: ssl.SSLContext |
         runners.append(await _serve(uploads, sockets.pop("LISTEN_ADDRESS/LISTEN_PORT"), tls, True))
         runners.append(await _serve(healthz_app(), sockets.pop("HEALTHZ_PORT"), None, False))
         if "UPLOADER_METRICS_LISTEN" in sockets:
+            metrics_tls = self_signed_context(state_dir)
             metrics_runner = await _serve(
-                metrics_app(metrics), sockets.pop("UPLOADER_METRICS_LISTEN"), None, False
+                metrics_app(metrics), sockets.pop("UPLOADER_METRICS_LISTEN"), metrics_tls, False
             )
             runners.append(metrics_runner)
         log.info(
@@ -222,7 +228,24 @@ async def _run_image(options: PodOptions, state_dir: Path, tls: ssl.SSLContext |
         store.close()
 
 
+def _refuse_uncheckable(options: PodOptions) -> bool:
+    """A checksum this pod cannot compute fails the image at once: a verdict for the
+    controller (exit 0) rather than an image taken unchecked or a pod restarted forever."""
+    algorithms = not_computable(options.checksums)
+    if not algorithms:
+        return False
+    message = (
+        f"UnsupportedChecksum: UPLOADER_CHECKSUMS asks for {', '.join(algorithms)}, which this "
+        "uploader cannot compute (it checks md5, sha1, sha256 and sha512); give one of those"
+    )
+    log.error("%s", message)
+    write_message(options.termination_message_path, {"error-message": message})
+    return True
+
+
 async def run_pod(options: PodOptions) -> int:
+    if _refuse_uncheckable(options):
+        return EXIT_OK
     tls = server_context(options)
     state_dir = Path(tempfile.mkdtemp(prefix="dvcr-uploader-", dir=tempfile.gettempdir()))
     try:
@@ -241,7 +264,7 @@ def main(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return asyncio.run(run_pod(options))
-    except (OptionsError, StartError) as exc:
+    except (OptionsError, StartError, MetricsTlsError) as exc:
         print(f"dvcr-uploader: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from uploader.server.image_model import READY
+from uploader.server.image_states import START_OVER
 
 log = logging.getLogger(__name__)
 # The kubelet keeps at most 4096 bytes of a termination message.
@@ -31,7 +32,9 @@ def outcome_message(image: dict[str, Any], received: int, duration: float) -> di
     if status.get("phase") != READY:
         ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), None)
         reason = ready.get("reason", "Failed") if ready else "Failed"
-        text = ready.get("message", "") if ready else ""
+        # The server's advice on starting over is about its API; the pod is started over
+        # by the kubelet or the controller.
+        text = str(ready.get("message", "") if ready else "").removesuffix(START_OVER)
         return {"error-message": f"{reason}: {text}"[:2048]}
     fields: dict[str, Any] = {
         "source-image-size": received,

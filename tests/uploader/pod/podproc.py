@@ -111,9 +111,15 @@ class UploaderPod:
             return self.proc is not None and self.proc.poll() is not None
 
     def metrics(self) -> str:
-        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return str(answer.read().decode())
+        """What Deckhouse's controller scrapes: HTTPS, the certificate not checked."""
+        result = subprocess.run(
+            ["curl", "-sSk", "--fail", f"https://127.0.0.1:{self.metrics_port}/metrics"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
 
     def wait_exit(self, timeout: float = 60) -> int:
         assert self.proc is not None

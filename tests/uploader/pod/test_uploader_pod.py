@@ -102,6 +102,16 @@ def test_cdi_sync_path_and_registry_auth(tmp_path: Path, qcow2: Path) -> None:
         token = "ZHZjcjpzM2NyZXQ="  # base64 of dvcr:s3cret
         auth.write_text(json.dumps({"auths": {registry.host: {"auth": token}}}))
         with _pod(tmp_path, registry, auth_config=auth) as pod:
+            # Deckhouse's uploader serves no async path: neither does the pod.
+            for path in ("/v1beta1/upload-async", "/v1alpha1/upload-form-async"):
+                post = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"]
+                code = subprocess.run(
+                    [*post, "--data-binary", "not an image", f"{pod.url}{path}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                assert code == "404", path
             code, answer = curl(
                 "-X", "POST", "--data-binary", f"@{qcow2}", f"{pod.url}/v1beta1/upload"
             )

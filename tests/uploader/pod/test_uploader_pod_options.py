@@ -84,7 +84,33 @@ def test_pod_invocation_and_deckhouse_defaults() -> None:
 
 
 def test_checksums_as_the_controller_writes_them() -> None:
-    sha = "a" * 64
-    assert parse_checksums(f"sha256:{sha},md5:{'b' * 32}", "X") == {"sha256": sha, "md5": "b" * 32}
-    with pytest.raises(OptionsError, match="sha512"):
-        parse_checksums(f"sha512:{'c' * 128}", "UPLOADER_CHECKSUMS")
+    # datasource.FormatChecksums: sorted `algorithm:sum` pairs, sums in lower case.
+    value = ",".join(
+        [
+            "md5:5d41402abc4b2a76b9719d911017c592",
+            "sha1:aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d",
+            "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824",
+            f"sha512:{'9b' * 64}",
+            f"streebog256:{'3f' * 32}",
+            f"streebog512:{'8e' * 64}",
+        ]
+    )
+    parsed = parse_checksums(value, "UPLOADER_CHECKSUMS")
+    assert sorted(parsed) == ["md5", "sha1", "sha256", "sha512", "streebog256", "streebog512"]
+    assert parsed["sha1"] == "aaf4c61ddcc5e8a2dabede0f3b482cd9aea9434d"
+    assert parse_checksums(f"sha256:{'AB' * 32}", "X") == {"sha256": "ab" * 32}
+
+
+@pytest.mark.parametrize(
+    ("value", "complaint"),
+    [
+        (f"sha3:{'a' * 64}", "is not one of md5, sha1, sha256, sha512"),
+        (f"sha512:{'a' * 64}", "not 128 hex digits"),
+        ("sha256", "is not ALGORITHM:HEX"),
+        (f"sha256:{'g' * 64}", "not 64 hex digits"),
+        (f"sha256:{'a' * 64},sha256:{'b' * 64}", "two different sha256"),
+    ],
+)
+def test_checksums_the_controller_cannot_have_written(value: str, complaint: str) -> None:
+    with pytest.raises(OptionsError, match=complaint):
+        parse_checksums(value, "UPLOADER_CHECKSUMS")
