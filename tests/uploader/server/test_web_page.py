@@ -68,6 +68,15 @@ def phase_in_table(driver: WebDriver, name: str) -> str | None:
     return None if phase is None else str(phase)
 
 
+def event_reasons(driver: WebDriver) -> list[str]:
+    """The Reason column of the details' events table, top to bottom."""
+    reasons = driver.execute_script(
+        "return [...document.querySelectorAll('#events tbody tr')]"
+        ".map((row) => row.cells[1].textContent);"
+    )
+    return [str(r) for r in reasons]
+
+
 def open_image(driver: WebDriver, name: str) -> None:
     """Clicks the image's name in the table (which is drawn again on every change)."""
 
@@ -135,6 +144,12 @@ def test_create_and_upload_through_the_page(browser: WebDriver, tmp_path: Path, 
             timeout=60,
             what="Ready in the table",
         )
+        # The details show the image's events, newest first, as they come.
+        wait_until(
+            lambda: event_reasons(browser)[:1] == ["Ready"],
+            what="the Ready event in the details",
+        )
+        assert event_reasons(browser)[:3] == ["Ready", "Provisioning", "WaitForUserUpload"]
         status = server.get("from-the-page")["status"]
         assert status["checksum"]["sha256"] == sha256(disk)
         assert (server.claim_dir("from-the-page") / "disk.img").read_bytes() == disk.read_bytes()

@@ -19,6 +19,7 @@ const state = {
   selected: null,
   watch: null,
   upload: null,
+  eventsOf: null, // the image and version whose events the table shows
 };
 
 class Unauthorized extends Error {}
@@ -228,6 +229,34 @@ function renderDetails() {
     field(list, "Upload with curl", code);
   }
   $("upload").hidden = !uploading && !(state.upload && state.upload.name === image.metadata.name);
+  refreshEvents(image);
+}
+
+// The image's events (what `describe` shows), read again when the image changes.
+async function refreshEvents(image) {
+  const version = `${image.metadata.name}@${image.metadata.resourceVersion}`;
+  if (state.eventsOf === version) return;
+  state.eventsOf = version;
+  const path = `${collectionPath()}/${encodeURIComponent(image.metadata.name)}/events`;
+  let list;
+  try {
+    list = await api("GET", path);
+  } catch (error) {
+    if (state.eventsOf === version) $("events-status").textContent = `Events not read: ${error.message}`;
+    return;
+  }
+  if (state.eventsOf !== version) return; // another image, or a newer version, came first
+  $("events-status").textContent = list.items.length ? "" : "No events yet.";
+  const body = $("events").tBodies[0];
+  body.replaceChildren();
+  for (const event of [...list.items].reverse()) {
+    const row = body.insertRow();
+    cell(row, event.type);
+    cell(row, event.reason);
+    const count = event.count > 1 ? ` (x${event.count})` : "";
+    cell(row, event.lastTimestamp ? age(event.lastTimestamp) + count : "");
+    cell(row, event.message);
+  }
 }
 
 $("delete").addEventListener("click", async () => {
@@ -243,6 +272,13 @@ $("delete").addEventListener("click", async () => {
 });
 
 // -- uploads --------------------------------------------------------------------------------
+
+function timeLeft(seconds) {
+  if (seconds < 1) return "under a second left";
+  if (seconds < 90) return `about ${Math.round(seconds)} s left`;
+  if (seconds < 5400) return `about ${Math.round(seconds / 60)} min left`;
+  return `about ${(seconds / 3600).toFixed(1)} h left`;
+}
 
 function formatBytes(n) {
   const units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -292,11 +328,11 @@ class Upload {
     $("upload-progress").value = (done / size) * 100;
     const seconds = (performance.now() - this.startedAt) / 1000;
     const speed = seconds > 0 ? (this.sentThisRun + sentInPart) / seconds : 0;
-    const left = speed > 0 ? Math.round((this.file.size - done) / speed) : null;
+    const left = speed > 0 ? (this.file.size - done) / speed : null;
     $("upload-status").textContent =
       `${formatBytes(done)} of ${formatBytes(this.file.size)}` +
       (speed ? `, ${formatBytes(speed)}/s` : "") +
-      (left !== null ? `, about ${left} s left` : "");
+      (left !== null ? `, ${timeLeft(left)}` : "");
   }
 
   async serverOffset() {
