@@ -50,8 +50,8 @@ ENV PATH=/opt/dvcr/bin:$PATH \
 # or /tmp, mounted by the pod, is written.
 USER 10001:10001
 WORKDIR /data
-# 8444: upload URLs and the API; 8080: the uploader pod's /healthz; 8443: the importer's
-# /metrics. No HEALTHCHECK: the port to probe depends on the mode; pods have their probes.
+# 8444: upload URLs and the API; 8080: the uploader pod's /healthz; 8443: /metrics of the
+# uploader pod (HTTPS) and the importer job. No HEALTHCHECK: the port to probe depends on the mode; pods have their probes.
 EXPOSE 8444 8080 8443
 # The program is the entry point and the arguments choose the mode: without arguments the
 # server on every address with its data in /data; `dvcr-uploader -v=3` with
