@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import pytest
 from diskimages import MiB, sha256_file
 from serverproc import Server, manifest
 
-VENV_BIN = "/work/venv/bin"
+# The scripts of the environment the tests run in.
+VENV_BIN = str(Path(sys.executable).parent)
 
 
 def run(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
