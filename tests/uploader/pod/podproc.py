@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from diskimages import MiB, qemu_convert, write_disk_image
 from serverproc import free_port
 from testcerts import KeyPair
 from waiting import wait_until
@@ -162,3 +163,10 @@ def make_client_cert(ca: KeyPair, common_name: str) -> KeyPair:
         .sign(ca.key, hashes.SHA256())
     )
     return KeyPair(key, certificate)
+
+
+def small_qcow2(directory: Path, mib: int, seed: int) -> Path:
+    """A real qcow2 (qemu-img) of `mib` MiB of seeded data, in `directory`."""
+    raw = directory / "disk.raw"
+    write_disk_image(raw, mib * MiB, seed=seed)
+    return qemu_convert(raw, "qcow2", directory / "disk.qcow2")

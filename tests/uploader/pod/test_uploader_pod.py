@@ -10,11 +10,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
+from diskimages import MiB, sha256_file
 from dvcrimage import check_image, skopeo_copy
-from podproc import OWNER_UID, UploaderPod, deckhouse_env, make_client_cert
+from podproc import OWNER_UID, UploaderPod, deckhouse_env, make_client_cert, small_qcow2
 from registryproc import Registry
-from serverproc import curl, head_offset
+from serverproc import background_upload, curl, head_offset
 from testcerts import make_ca, make_server_cert
 from waiting import wait_until
 
@@ -24,9 +24,7 @@ TAG = "0b3c1d52-7a3e-4f2b-9d61-3c8a1e2f4b70"
 
 @pytest.fixture
 def qcow2(tmp_path: Path) -> Path:
-    raw = tmp_path / "disk.raw"
-    write_disk_image(raw, 12 * MiB, seed=11)
-    return qemu_convert(raw, "qcow2", tmp_path / "disk.qcow2")
+    return small_qcow2(tmp_path, 12, seed=11)
 
 
 def _pod(tmp_path: Path, registry: Registry, **env: object) -> UploaderPod:
@@ -175,19 +173,7 @@ def test_a_second_upload_while_one_runs_gets_503(
     tmp_path: Path, registry: Registry, qcow2: Path
 ) -> None:
     with _pod(tmp_path, registry) as pod:
-        slow = subprocess.Popen(
-            [
-                "curl",
-                "-sS",
-                "--limit-rate",
-                "1M",
-                "-o",
-                "/dev/null",
-                "-T",
-                str(qcow2),
-                f"{pod.url}/upload",
-            ],
-        )
+        slow = background_upload(qcow2, f"{pod.url}/upload", rate="1M")
         try:
             wait_until(lambda: head_offset(f"{pod.url}/upload") > 0, timeout=20, what="bytes")
             code, answer = curl("-T", str(qcow2), f"{pod.url}/upload")

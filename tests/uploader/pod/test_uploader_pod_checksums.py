@@ -11,8 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from diskimages import MiB, qemu_convert, write_disk_image
-from podproc import UploaderPod, deckhouse_env
+from podproc import UploaderPod, deckhouse_env, small_qcow2
 from registryproc import Registry
 from serverproc import curl
 
@@ -22,9 +21,7 @@ TAG = "1e2d3c4b-5a69-4788-9a0b-c1d2e3f40516"
 
 @pytest.fixture
 def qcow2(tmp_path: Path) -> Path:
-    raw = tmp_path / "disk.raw"
-    write_disk_image(raw, 6 * MiB, seed=31)
-    return qemu_convert(raw, "qcow2", tmp_path / "disk.qcow2")
+    return small_qcow2(tmp_path, 6, seed=31)
 
 
 def _digest(path: Path, algorithm: str) -> str:

@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 from diskimages import MiB, write_disk_image
 from podproc import OWNER_UID, UploaderPod, deckhouse_env
 from registryproc import Registry
-from serverproc import head_offset
+from serverproc import background_upload, head_offset
 from waiting import wait_until
 
 ENDPOINT_PATH = "vi/team-a/metrics:5d1f0c2e-8b7a-4e3c-9f61-2a4b6c8d0e13"
@@ -64,19 +64,7 @@ def test_deckhouse_gauges_during_an_upload(tmp_path: Path, registry: Registry) -
     disk = tmp_path / "disk.raw"
     write_disk_image(disk, 8 * MiB, seed=5)
     with UploaderPod(tmp_path / "pod", deckhouse_env(f"{registry.host}/{ENDPOINT_PATH}")) as pod:
-        slow = subprocess.Popen(
-            [
-                "curl",
-                "-sS",
-                "--limit-rate",
-                "1M",
-                "-o",
-                "/dev/null",
-                "-T",
-                str(disk),
-                pod.url + "/upload",
-            ]
-        )
+        slow = background_upload(disk, pod.url + "/upload", rate="1M")
         try:
             wait_until(lambda: head_offset(f"{pod.url}/upload") > MiB, timeout=20, what="bytes")
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from diskimages import MiB, qemu_convert, sha256_file, write_disk_image
+from diskimages import sha256_file
 from dvcrimage import check_image, skopeo_copy
-from podproc import UploaderPod, deckhouse_env
+from podproc import UploaderPod, deckhouse_env, small_qcow2
 from registryproc import Registry
 from serverproc import curl
 from testcerts import KeyPair, make_ca, make_server_cert
@@ -24,9 +24,7 @@ USER, PASSWORD = "dvcr-writer", "c0rrect-horse"
 
 @pytest.fixture
 def qcow2(tmp_path: Path) -> Path:
-    raw = tmp_path / "disk.raw"
-    write_disk_image(raw, 8 * MiB, seed=21)
-    return qemu_convert(raw, "qcow2", tmp_path / "disk.qcow2")
+    return small_qcow2(tmp_path, 8, seed=21)
 
 
 @pytest.fixture
