@@ -86,7 +86,7 @@ class TusJsRun:
 
 def run_tus_js(node_modules: Path, timeout: float = 300, **args: Any) -> TusJsRun:
     """Runs tests/tus-js/upload.js with `args` (its options: file, endpoint or uploadUrl,
-    chunkSize, deferred, headers, abortAfter)."""
+    chunkSize, deferred, dataDuringCreation, headers, abortAfter)."""
     out = subprocess.run(
         ["node", str(TUS_JS / "upload.js"), json.dumps(args)],
         env={**os.environ, "NODE_PATH": str(node_modules)},

@@ -7,6 +7,7 @@
 //   uploadUrl    no creation: HEAD there for the offset, then PATCH
 //   chunkSize    bytes per PATCH
 //   deferred     Upload-Defer-Length: the length goes with the last PATCH
+//   dataDuringCreation  the creation POST carries the first chunk (creation-with-upload)
 //   headers      more headers for every request
 //   abortAfter   abort (with the PATCH in flight, if any) once the progress passes this
 'use strict'
@@ -31,6 +32,7 @@ const options = {
   retryDelays: [0, 500, 1000, 2000],
   headers: args.headers || {},
   uploadLengthDeferred: Boolean(args.deferred),
+  uploadDataDuringCreation: Boolean(args.dataDuringCreation),
   uploadSize: args.deferred ? undefined : fs.statSync(args.file).size,
   storeFingerprintForResuming: false,
   onBeforeRequest(req) {

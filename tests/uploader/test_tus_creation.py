@@ -1,8 +1,8 @@
-"""tus 1.0 `creation` and `creation-defer-length` on the upload URLs, with curl and tuspy
-against a real server: a POST with `Upload-Length` (or `Upload-Defer-Length: 1`) and no
-body declares the upload's length and answers 201 with the URL itself as `Location`; the
-PATCHes that follow need not repeat the length; `HEAD` says the length, or that it is
-deferred."""
+"""tus 1.0 `creation`, `creation-defer-length` and `creation-with-upload` on the upload
+URLs, with curl and tuspy against a real server: a POST with `Upload-Length` (or
+`Upload-Defer-Length: 1`) declares the upload's length and answers 201 with the URL itself
+as `Location`, taking its body, if any, as the first bytes; the PATCHes that follow need not
+repeat the length; `HEAD` says the length, or that it is deferred."""
 
 from __future__ import annotations
 
@@ -202,15 +202,76 @@ def test_bad_creation_requests_are_refused_and_change_nothing(
     assert head(url)["upload-defer-length"] == "1"
 
 
-def test_creation_with_upload_is_refused_with_what_to_do(server: Server) -> None:
-    server.create(manifest("with-upload"))
-    url = server.upload_url("with-upload")
+def create_with(url: str, data: bytes, *headers: str) -> Answer:
+    """A tus creation request with the upload's first bytes (creation-with-upload)."""
     args = [*TUS, "-X", "POST", "-H", "Content-Type: application/offset+octet-stream"]
-    answer = curl(*args, "-H", f"Upload-Length: {3 * MiB}", "--data-binary", "@-", url,
-                  stdin=os.urandom(MiB))  # fmt: skip
+    for header in headers:
+        args += ["-H", header]
+    return curl(*args, "--data-binary", "@-", url, stdin=data)
+
+
+@pytest.mark.parametrize("storage", [PVC, DVCR])
+def test_creation_with_upload_takes_the_first_bytes(server: Server, storage: str) -> None:
+    data = os.urandom(3 * MiB)
+    server.create(manifest("with-upload", storage=storage))
+    url = server.upload_url("with-upload")
+    first = create_with(url, data[:MiB], f"Upload-Length: {len(data)}")
+    assert (first.code, first.headers["location"]) == (201, url), first
+    assert first.headers["upload-offset"] == str(MiB)
+    assert head(url)["upload-length"] == str(len(data))
+    assert patch(url, MiB, data[MiB:]).code == 200
+    status = server.get("with-upload")["status"]
+    assert status["phase"] == "Ready"
+    assert status["checksum"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_creation_with_the_whole_upload_makes_the_image_ready(server: Server) -> None:
+    data = os.urandom(2 * MiB)
+    server.create(manifest("all-at-once"))
+    url = server.upload_url("all-at-once")
+    answer = create_with(url, data, f"Upload-Length: {len(data)}")
+    assert (answer.code, answer.headers["upload-offset"]) == (201, str(len(data))), answer
+    status = server.get("all-at-once")["status"]
+    assert status["phase"] == "Ready"
+    assert status["checksum"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_creation_with_upload_and_a_deferred_length(server: Server) -> None:
+    data = os.urandom(3 * MiB)
+    server.create(manifest("later"))
+    url = server.upload_url("later")
+    answer = create_with(url, data[: 2 * MiB], "Upload-Defer-Length: 1")
+    assert (answer.code, answer.headers["upload-offset"]) == (201, str(2 * MiB)), answer
+    assert head(url)["upload-defer-length"] == "1"
+    last = patch(url, 2 * MiB, data[2 * MiB :], f"Upload-Length: {len(data)}")
+    assert last.code == 200, last
+    assert server.get("later")["status"]["checksum"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_creation_with_upload_after_bytes_keeps_them_and_says_where_to_go_on(
+    server: Server,
+) -> None:
+    data = os.urandom(3 * MiB)
+    server.create(manifest("again"))
+    url = server.upload_url("again")
+    assert create(url, f"Upload-Length: {len(data)}").code == 201
+    assert patch(url, 0, data[:MiB]).code == 204
+    # A client that lost its state creates again, with the first bytes again: they are
+    # not taken a second time, and the answer says where the upload stands.
+    answer = create_with(url, data[:MiB], f"Upload-Length: {len(data)}")
+    assert (answer.code, answer.headers["upload-offset"]) == (201, str(MiB)), answer
+    assert head(url)["upload-offset"] == str(MiB)
+    assert patch(url, MiB, data[MiB:]).code == 200
+    assert server.get("again")["status"]["checksum"]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_creation_with_upload_refuses_more_than_its_length(server: Server) -> None:
+    server.create(manifest("too-much"))
+    url = server.upload_url("too-much")
+    answer = create_with(url, os.urandom(2 * MiB), f"Upload-Length: {MiB}")
     assert answer.code == 400, answer
-    assert "creation-with-upload" in answer.body
-    assert phase(server, "with-upload") == "WaitForUserUpload"
+    assert "goes past the end of the image" in answer.body
+    assert phase(server, "too-much") == "WaitForUserUpload"
 
 
 def test_registry_storage_needs_the_length_at_creation(server: Server) -> None:
@@ -244,7 +305,7 @@ def test_options_advertise_creation(server: Server) -> None:
     answer = curl("-X", "OPTIONS", server.upload_url("opts"))
     assert answer.code == 204
     extensions = answer.headers["tus-extension"].split(",")
-    assert {"creation", "creation-defer-length"} <= set(extensions)
+    assert {"creation", "creation-defer-length", "creation-with-upload"} <= set(extensions)
     assert answer.headers["tus-version"] == "1.0.0"
 
 

@@ -83,6 +83,24 @@ def test_endpoint_flow_creates_at_the_upload_url_then_patches(
     assert_ready(server, "endpoint", disk, storage)
 
 
+@pytest.mark.parametrize("storage", [PVC, DVCR])
+def test_endpoint_flow_with_data_during_creation(
+    server: Server, tus_js: Path, disk: Disk, storage: str
+) -> None:
+    """uploadDataDuringCreation: the creation POST carries the first chunk."""
+    server.create(manifest("with-data", storage=storage))
+    url = server.upload_url("with-data")
+    run = run_tus_js(
+        tus_js, file=str(disk.path), endpoint=url, chunkSize=CHUNK, dataDuringCreation=True
+    )
+    assert_succeeded(run)
+    (created,) = run.of("response", "POST")
+    assert (created["status"], created["location"], created["offset"]) == (201, url, str(CHUNK))
+    patches = run.of("request", "PATCH")
+    assert [int(p["offset"]) for p in patches] == list(range(CHUNK, disk.size, CHUNK))
+    assert_ready(server, "with-data", disk, storage)
+
+
 def test_endpoint_flow_with_a_deferred_length(server: Server, tus_js: Path, disk: Disk) -> None:
     """uploadLengthDeferred: the creation says Upload-Defer-Length: 1, the last PATCH
     brings Upload-Length."""

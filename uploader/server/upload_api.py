@@ -4,10 +4,11 @@ The token is checked when the request starts, before `100 Continue` is sent, so 
 mistyped URL is refused before a single byte of a big body moves.
 
 Besides PUT (curl), multipart POST (forms) and tus PATCH, the URL answers tus 1.0's
-`creation` and `creation-defer-length`: a POST with `Upload-Length` (or
-`Upload-Defer-Length: 1`) and no body declares the upload's length and answers 201 with
-the URL itself as `Location`, so tus clients given the URL as their endpoint (tus-js-client,
-Uppy, tuspy) create there and then PATCH there.
+`creation`, `creation-defer-length` and `creation-with-upload`: a POST with
+`Upload-Length` (or `Upload-Defer-Length: 1`) declares the upload's length and answers 201
+with the URL itself as `Location`, so tus clients given the URL as their endpoint
+(tus-js-client, Uppy, tuspy) create there and then PATCH there; a body
+(`application/offset+octet-stream`) is the upload's first bytes.
 """
 
 from __future__ import annotations
@@ -191,13 +192,14 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
     image). Lengths that disagree are refused (400) before a byte is read."""
     upload_length = _header_number(request, "Upload-Length")
     content_range = request.headers.get("Content-Range")
-    if request.method == "PATCH":
+    if request.method == "PATCH" or _is_creation_with_upload(request):
         if request.content_type != "application/offset+octet-stream":
             raise UnsupportedMediaType(
                 "a tus PATCH needs Content-Type: application/offset+octet-stream"
             )
         _check_tus_version(request)
-        start = _header_number(request, "Upload-Offset")
+        # A creation with its upload carries the upload's first bytes.
+        start = 0 if request.method == "POST" else _header_number(request, "Upload-Offset")
         if start is None:
             raise BadRequest("a tus PATCH needs Upload-Offset")
         part = UploadPart(body, start, upload_length, False, _wrong_tus_offset, ends_at_total=True)
@@ -221,14 +223,7 @@ def _part(request: web.Request, body: Reader = EMPTY) -> UploadPart:
         length = request.content_length
         if None not in (upload_length, length) and upload_length != length:
             # Without Content-Range or Upload-Offset the body is the whole image (tus's
-            # creation request, which carries none of it, is told apart before).
-            tus_part = request.content_type == "application/offset+octet-stream"
-            if request.method == "POST" and tus_part:
-                raise BadRequest(
-                    "tus creation-with-upload is not supported: create the upload with a "
-                    "POST without a body, then PATCH (tus-js-client: leave "
-                    "uploadDataDuringCreation off)"
-                )
+            # creation requests are told apart before).
             raise BadRequest(
                 f"a request without Content-Range or Upload-Offset carries the whole image: "
                 f"its Content-Length ({length}) must be its Upload-Length ({upload_length})"
@@ -260,15 +255,30 @@ def _admitted_part(
     return part, uploads.admit(token, part)
 
 
+def _declares_length(request: web.Request) -> bool:
+    return "Upload-Length" in request.headers or "Upload-Defer-Length" in request.headers
+
+
 def _is_creation(request: web.Request) -> bool:
     """A tus creation request: a POST that declares the upload's length (or defers it)
     and carries no body."""
     if request.method != "POST" or request.content_type == "multipart/form-data":
         return False
-    if "Upload-Length" not in request.headers and "Upload-Defer-Length" not in request.headers:
+    if not _declares_length(request):
         return False
     length = request.content_length
     return length == 0 or (length is None and not request.body_exists)
+
+
+def _is_creation_with_upload(request: web.Request) -> bool:
+    """tus `creation-with-upload`: a creation request whose body is the upload's first
+    bytes (`Content-Type: application/offset+octet-stream`)."""
+    return (
+        request.method == "POST"
+        and request.content_type == "application/offset+octet-stream"
+        and _declares_length(request)
+        and not _is_creation(request)
+    )
 
 
 def _own_url(request: web.Request, image: Image) -> str:
@@ -282,10 +292,9 @@ def _own_url(request: web.Request, image: Image) -> str:
     return str(request.url.with_query(None))
 
 
-async def create(request: web.Request) -> web.Response:
-    """tus creation: records the upload's length (or that it comes later) and answers
-    where to send the bytes, this same URL. Nothing is received: the image stays waiting,
-    and an upload that already took bytes keeps them (the answer's Upload-Offset)."""
+def _declare(request: web.Request) -> tuple[Image, int]:
+    """A creation request's declaration: the upload's length, or that it comes later.
+    Returns the image and where its upload continues."""
     _check_tus_version(request)
     length = _header_number(request, "Upload-Length")
     deferred = _length_deferred(request)
@@ -293,16 +302,36 @@ async def create(request: web.Request) -> web.Response:
         raise BadRequest(
             "a tus creation request sends Upload-Length or Upload-Defer-Length: 1, not both"
         )
-    uploads = _uploads(request)
-    image, offset = uploads.create(request.match_info["token"], length)
+    return _uploads(request).create(request.match_info["token"], length)
+
+
+async def create(request: web.Request) -> web.Response:
+    """tus creation: records the upload's length (or that it comes later) and answers
+    where to send the bytes, this same URL. Nothing is received: the image stays waiting,
+    and an upload that already took bytes keeps them (the answer's Upload-Offset)."""
+    image, offset = _declare(request)
     headers = {"Location": _own_url(request, image), **offset_headers(offset)}
     return web.Response(status=201, headers=headers)
 
 
+async def create_with_upload(request: web.Request) -> web.Response:
+    """tus creation-with-upload: the creation, then its body as the upload's first part.
+    An upload that already took bytes keeps them and the body is not read: the answer's
+    Upload-Offset says where the client goes on, as tus allows."""
+    image, offset = _declare(request)
+    headers = {"Location": _own_url(request, image)}
+    if offset == 0:
+        offset, _ = await _receive(request)
+    return web.Response(status=201, headers={**headers, **offset_headers(offset)})
+
+
 async def post(request: web.Request) -> web.StreamResponse:
-    """POST: tus creation (no body), or a part of the image like PUT (multipart forms)."""
+    """POST: tus creation (with or without the first bytes), or a part of the image like
+    PUT (multipart forms)."""
     if _is_creation(request):
         return await create(request)
+    if _is_creation_with_upload(request):
+        return await create_with_upload(request)
     return await put(request)
 
 
@@ -311,6 +340,9 @@ async def check_before_body(request: web.Request) -> web.StreamResponse | None:
     is sent."""
     if _is_creation(request):
         return None  # no body to hold back; the handler answers
+    if _is_creation_with_upload(request):
+        # The declaration comes first and may change what a part is checked against.
+        return continue_unless_refused(request, lambda: _uploads(request).find(_token(request)))
     return continue_unless_refused(request, lambda: _admitted_part(request, _uploads(request)))
 
 
@@ -332,20 +364,43 @@ def continue_unless_refused(
     return None
 
 
+def _token(request: web.Request) -> str:
+    return request.match_info["token"]
+
+
 async def put(request: web.Request) -> web.StreamResponse:
     """PUT, POST and tus PATCH: one request's part of the image."""
+    offset, done = await _receive(request)
+    if done is None:
+        return web.Response(status=204, headers=offset_headers(offset))
+    answer = {
+        "phase": done.phase,
+        "offset": offset,
+        "progress": done.status.get("progress"),
+        "format": done.status.get("format"),
+        "checksum": done.status.get("checksum"),
+    }
+    return web.Response(
+        text=json.dumps(answer) + "\n",
+        content_type="application/json",
+        headers=offset_headers(offset),
+    )
+
+
+async def _receive(request: web.Request) -> tuple[int, Image | None]:
+    """Takes the request's part of the image. Returns where the upload now stands and,
+    once the image is complete, the image; a part that did not end well is an error."""
     uploads = _uploads(request)
-    token = request.match_info["token"]
     multipart = request.content_type == "multipart/form-data"
     body = RequestBody(request, multipart_file(request) if multipart else None)
     part, image = _admitted_part(request, uploads, body)
     try:
-        how, done = await uploads.receive(token, part)
+        how, done = await uploads.receive(_token(request), part)
     finally:
         body.release()
     offset = uploads.offset(image.key)
     if how is BodyEnd.PARTIAL:
-        return web.Response(status=204, headers=offset_headers(offset))
+        return offset, None
     if how is BodyEnd.IDLE:
         raise RequestTimeout(
             f"nothing arrived for {uploads.config.upload_idle_timeout:g} s; the upload "
@@ -361,19 +416,7 @@ async def put(request: web.Request) -> web.StreamResponse:
             headers={"Connection": "close"},
             offset=offset,
         )
-    received = uploads.received(done)
-    answer = {
-        "phase": done.phase,
-        "offset": received,
-        "progress": done.status.get("progress"),
-        "format": done.status.get("format"),
-        "checksum": done.status.get("checksum"),
-    }
-    return web.Response(
-        text=json.dumps(answer) + "\n",
-        content_type="application/json",
-        headers=offset_headers(received),
-    )
+    return uploads.received(done), done
 
 
 async def head(request: web.Request) -> web.Response:
@@ -409,7 +452,7 @@ async def options(request: web.Request) -> web.Response:
             "Tus-Resumable": TUS_VERSION,
             "Tus-Version": TUS_VERSION,
             "Tus-Max-Size": str(_uploads(request).max_image_size),
-            "Tus-Extension": "creation,creation-defer-length",
+            "Tus-Extension": "creation,creation-defer-length,creation-with-upload",
             **preflight_headers(request, "PUT, POST, PATCH, HEAD, GET, OPTIONS"),
         },
     )
