@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Self
 
 from importer.errors import BadImageChecksum
@@ -48,11 +49,14 @@ class ChecksumLane:
         return self._hash.state()
 
 
-def verify_checksums(actual: dict[str, str], expected: dict[str, str]) -> None:
-    """Raises BadImageChecksum naming the first algorithm whose digest differs."""
+def verify_checksums(
+    actual: Mapping[str, str], expected: Mapping[str, str], expected_by: str = "the spec"
+) -> None:
+    """Raises BadImageChecksum naming the first algorithm whose digest differs (and what
+    gave the expected one)."""
     for algorithm, want in expected.items():
         got = actual.get(algorithm)
         if got is not None and got != want.strip().lower():
             raise BadImageChecksum(
-                f"{algorithm} of the received image is {got}, but the spec expects {want}"
+                f"{algorithm} of the received image is {got}, but {expected_by} expects {want}"
             )

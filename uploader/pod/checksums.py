@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 
-from importer.errors import BadImageChecksum
+from importer.checksums import verify_checksums
 from importer.formats.base import ImageInfo
 from importer.lane import Lane
 from importer.pipeline import Sink, TransferResult
@@ -69,13 +69,8 @@ class CheckedSink:
         return self.inner.image_info()
 
     async def commit(self, result: TransferResult) -> None:
-        for lane in self.digests:
-            got, want = lane.hexdigest(), self.expected[lane.algorithm]
-            if got != want:
-                raise BadImageChecksum(
-                    f"{lane.algorithm} of the received image is {got}, but "
-                    f"UPLOADER_CHECKSUMS expects {want}"
-                )
+        actual = {lane.algorithm: lane.hexdigest() for lane in self.digests}
+        verify_checksums(actual, self.expected, expected_by="UPLOADER_CHECKSUMS")
         await self.inner.commit(result)
 
     async def abort(self) -> None:

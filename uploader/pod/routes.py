@@ -52,14 +52,13 @@ def _busy(request: web.Request) -> ApiError | None:
     """Deckhouse's 503 while another request is delivering the image."""
     uploads: UploadSessions = request.app[upload_api.UPLOADS]
     image = uploads.lookup(request.app[UPLOAD_TOKEN])
-    transfer = uploads.transfers.get(image.key)
-    feed = transfer.feed if transfer is not None else None
-    if feed is None or feed.attached is None or feed.attached.stalled:
+    offset = uploads.delivering(image.key)
+    if offset is None:
         return None
     return UploadInProgress(
         "another upload to this image is in progress; send it again once that one has "
         "ended, or continue it from HEAD's Upload-Offset if it broke off",
-        offset=feed.offset,
+        offset=offset,
     )
 
 

@@ -41,9 +41,8 @@ from uploader.pod.routes import healthz_app, metrics_app, requests_in_flight, up
 from uploader.pod.termination import outcome_message, write_message
 from uploader.pod.tls import server_context
 from uploader.resources import API_VERSION, VIRTUAL_IMAGE
-from uploader.server.app import AccessLogger, ProtocolErrorsInOneLine, bind
+from uploader.server.app import ProtocolErrorsInOneLine, bind, serve_app
 from uploader.server.config import ServerConfig
-from uploader.server.headdeadline import HeadDeadlineSite
 from uploader.server.image_db import Store
 from uploader.server.image_model import FAILED, PROVISIONING, READY, Image
 from uploader.server.images import Images
@@ -103,28 +102,6 @@ async def _verdict(store: Store, image: Image) -> tuple[dict[str, Any], float | 
     raise StartError("the image was removed")
 
 
-async def _serve(
-    app: web.Application, sock: socket.socket, tls: ssl.SSLContext | None, uploads: bool
-) -> web.AppRunner:
-    runner = web.AppRunner(
-        app,
-        access_log_class=AccessLogger,
-        access_log=log if uploads else None,
-        handler_cancellation=False,
-        keepalive_timeout=HEADER_TIMEOUT,
-    )
-    await runner.setup()
-    site: web.BaseSite
-    if uploads:
-        site = HeadDeadlineSite(
-            runner, sock, header_timeout=HEADER_TIMEOUT, ssl_context=tls, shutdown_timeout=3.0
-        )
-    else:
-        site = web.SockSite(runner, sock, ssl_context=tls, shutdown_timeout=1.0)
-    await site.start()
-    return runner
-
-
 def _bind_all(options: PodOptions) -> dict[str, socket.socket]:
     wanted = {
         "LISTEN_ADDRESS/LISTEN_PORT": options.listen,
@@ -182,12 +159,18 @@ async def _run_image(options: PodOptions, state_dir: Path, tls: ssl.SSLContext |
         image = await _create_image(images, options)
         assert image.upload_token is not None
         uploads = uploads_app(images.uploads, image.upload_token, options.client_name)
-        runners.append(await _serve(uploads, sockets.pop("LISTEN_ADDRESS/LISTEN_PORT"), tls, True))
-        runners.append(await _serve(healthz_app(), sockets.pop("HEALTHZ_PORT"), None, False))
+        listen = sockets.pop("LISTEN_ADDRESS/LISTEN_PORT")
+        runners.append(await serve_app(uploads, listen, config, tls))
+        healthz = sockets.pop("HEALTHZ_PORT")
+        runners.append(await serve_app(healthz_app(), healthz, config, None, access_log=False))
         if "UPLOADER_METRICS_LISTEN" in sockets:
             metrics_tls = self_signed_context(state_dir)
-            metrics_runner = await _serve(
-                metrics_app(metrics), sockets.pop("UPLOADER_METRICS_LISTEN"), metrics_tls, False
+            metrics_runner = await serve_app(
+                metrics_app(metrics),
+                sockets.pop("UPLOADER_METRICS_LISTEN"),
+                config,
+                metrics_tls,
+                access_log=False,
             )
             runners.append(metrics_runner)
         log.info(

@@ -175,13 +175,15 @@ def bind(address: str) -> socket.socket:
     return sock
 
 
-async def _serve(
+async def serve_app(
     app: web.Application,
     sock: socket.socket,
     config: ServerConfig,
     tls: ssl.SSLContext | None,
     access_log: bool = True,
 ) -> web.AppRunner:
+    """Serves `app` on `sock` with the server's header deadline (the uploader pod's
+    listeners too)."""
     runner = web.AppRunner(
         app,
         access_log_class=AccessLogger,
@@ -231,12 +233,12 @@ async def run_server(config: ServerConfig, ready: asyncio.Event | None = None) -
     # Every image is back in a steady state before the first request is taken.
     await apps.images.start(config.own_base_url(bound_port))
     tls = _ssl_context(config)
-    runners = [await _serve(apps.uploads, sockets["listen"], config, tls)]
+    runners = [await serve_app(apps.uploads, sockets["listen"], config, tls)]
     if apps.api is not None:
-        runners.append(await _serve(apps.api, sockets["api"], config, tls))
+        runners.append(await serve_app(apps.api, sockets["api"], config, tls))
     if "metrics" in sockets:
         metrics = metrics_app(apps.metrics, access)
-        runners.append(await _serve(metrics, sockets["metrics"], config, None, access_log=False))
+        runners.append(await serve_app(metrics, sockets["metrics"], config, None, access_log=False))
     api_port = sockets["api"].getsockname()[1] if "api" in sockets else bound_port
     log.info(
         "serving uploads on %s, the API on %s (%s; data in %s, DVCR %s)",

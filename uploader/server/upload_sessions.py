@@ -156,6 +156,15 @@ class UploadSessions:
         saved = self.checkpoints.kept(key)
         return saved.offset if saved is not None else 0
 
+    def delivering(self, key: ImageKey) -> int | None:
+        """Where the upload stands while another request is delivering it (one that
+        stalled does not count: a newer request takes over from it); None when none is."""
+        transfer = self.transfers.get(key)
+        feed = transfer.feed if transfer is not None else None
+        if feed is None or feed.attached is None or feed.attached.stalled:
+            return None
+        return feed.offset
+
     def _transfer_total(self, key: ImageKey) -> int | None:
         """The length the upload's transfer (or its checkpoint) knows."""
         transfer = self.transfers.get(key)
@@ -204,10 +213,9 @@ class UploadSessions:
         """Refuses, before its body is sent, a part of the upload to `image` that cannot be
         taken now."""
         key = image.key
-        transfer = self.transfers.get(key)
-        feed = transfer.feed if transfer is not None else None
-        if feed is not None and feed.attached is not None and not feed.attached.stalled:
-            raise Conflict("another upload to this image is in progress", offset=feed.offset)
+        busy_at = self.delivering(key)
+        if busy_at is not None:
+            raise Conflict("another upload to this image is in progress", offset=busy_at)
         offset = self.offset(key)
         if not part.whole and part.start != offset:
             raise part.wrong_offset(offset)
