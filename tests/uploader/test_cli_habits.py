@@ -48,6 +48,12 @@ def image_yaml(name: str, namespace: str | None = None, labels: str = "") -> str
     )
 
 
+def image_with_a_wrong_sha256(name: str) -> str:
+    """An image whose upload will fail its checksum."""
+    checksum = "type: Upload\n    upload: {checksum: {sha256: '" + "0" * 64 + "'}}"
+    return image_yaml(name).replace("type: Upload", checksum)
+
+
 @pytest.fixture
 def disk(tmp_path: Path) -> Path:
     path = tmp_path / "disk.img"
@@ -483,9 +489,7 @@ def test_describe_shows_the_events_of_the_image(srv: Server, disk: Path) -> None
 
 
 def test_describe_warns_of_a_failure(srv: Server, disk: Path) -> None:
-    checksum = "type: Upload\n    upload: {checksum: {sha256: '" + "0" * 64 + "'}}"
-    doc = image_yaml("checked").replace("type: Upload", checksum)
-    run(srv, "apply", "-f", "-", stdin=doc)
+    run(srv, "apply", "-f", "-", stdin=image_with_a_wrong_sha256("checked"))
     failed = run(srv, "upload", str(disk), "vi/checked", "-q")
     assert failed.returncode == 1
     text = run(srv, "describe", "vi/checked").stdout
@@ -495,8 +499,7 @@ def test_describe_warns_of_a_failure(srv: Server, disk: Path) -> None:
 
 
 def test_a_failed_image_says_how_to_start_over(srv: Server, disk: Path) -> None:
-    checksum = "type: Upload\n    upload: {checksum: {sha256: '" + "0" * 64 + "'}}"
-    doc = image_yaml("again").replace("type: Upload", checksum)
+    doc = image_with_a_wrong_sha256("again")
     run(srv, "apply", "-f", "-", stdin=doc)
     failed = run(srv, "upload", str(disk), "vi/again", "-q")
     assert failed.returncode == 1
